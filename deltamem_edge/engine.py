@@ -1,0 +1,456 @@
+"""Engine and Session: tokens in, logits and δ-state out.
+
+This is the only module that talks to the C API (through ``_bindings``).
+``Engine`` owns one model, one llama context and at most one δ-mem adapter;
+each ``Session`` is one sequence of that context with its own KV cells and its
+own δ-state.  Every token fed with ``write=True`` enters the state exactly once,
+in order, when it enters the KV cache.
+
+Thread safety: an Engine serialises all native calls with a lock, so sessions
+may be driven from different threads; a single Session must not be used from
+two threads at once (its token position would race).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import _bindings
+from ._bindings import dmem, llama_lib
+from .errors import AdapterError, EngineError, ModelLoadError
+
+ADAPTER_SUFFIX = ".dmem.gguf"  # converter default: <model stem>.dmem.gguf next to the model
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """Shape of the attached δ-mem adapter."""
+
+    path: Path
+    rank: int
+    state_heads: int
+    layers: tuple[int, ...]
+    bundled: bool
+
+    @property
+    def rows(self) -> int:
+        return self.rank * self.state_heads
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        return (len(self.layers), self.rows, self.rank)
+
+
+def find_adapter_for(model_path: Path) -> Path | None:
+    """The adapter `deltamem-edge chat` uses when none is named: bundled, else next to the model."""
+    if dmem.llama_dmem_file_has_adapter(str(model_path).encode()) == 1:
+        return model_path
+    sidecar = model_path.with_name(model_path.name.removesuffix(".gguf") + ADAPTER_SUFFIX)
+    return sidecar if sidecar.exists() else None
+
+
+class Engine:
+    """A loaded model, optionally with a δ-mem adapter, and one llama context.
+
+    ``adapter_path=None`` uses δ-mem tensors bundled in the model file; pass
+    ``adapter_path=False`` for the vanilla model.  ``n_seq_max`` is the number of
+    sessions (conversations) that can live in the context at once.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        adapter_path: str | os.PathLike[str] | None | bool = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        n_seq_max: int = 1,
+        n_batch: int = 512,
+        n_ubatch: int | None = None,
+        f32_kv: bool = False,
+        flash_attn: bool | None = None,
+    ) -> None:
+        self._lock = threading.RLock()
+        self._model = None
+        self._ctx = None
+        self._adapter = None
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise ModelLoadError("model file not found", path=self.model_path,
+                                 hint="pass the path of a .gguf model file")
+        if n_ctx < 16 or n_seq_max < 1 or n_batch < 1:
+            raise EngineError(f"invalid sizes: n_ctx={n_ctx}, n_seq_max={n_seq_max}, n_batch={n_batch}")
+
+        mparams = llama_lib.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        _bindings.take_recent_errors()
+        self._model = llama_lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not self._model:
+            raise ModelLoadError(_why("could not load the model"), path=self.model_path,
+                                 hint="is this a GGUF model file of a supported architecture?")
+
+        threads = n_threads or max(1, min(8, os.cpu_count() or 1))
+        cparams = llama_lib.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = min(n_batch, n_ctx)
+        cparams.n_ubatch = min(n_ubatch or n_batch, cparams.n_batch)
+        cparams.n_seq_max = n_seq_max
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = True  # sessions share the cells; each decode holds one sequence
+        cparams.no_perf = True
+        if f32_kv:
+            cparams.type_k = 0  # GGML_TYPE_F32: exact numerics for parity tests
+            cparams.type_v = 0
+        if flash_attn is not None:
+            cparams.flash_attn_type = 1 if flash_attn else 0
+        self._ctx = llama_lib.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise ModelLoadError(_why("could not create a context"), path=self.model_path,
+                                 hint="try a smaller n_ctx")
+        self.n_ctx = llama_lib.llama_n_ctx(self._ctx)
+        self.n_batch = cparams.n_batch
+        self.n_seq_max = n_seq_max
+        self.n_threads = threads
+        self.n_gpu_layers = n_gpu_layers
+        self._vocab = llama_lib.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_lib.llama_vocab_n_tokens(self._vocab)
+        self._free_seqs = list(range(n_seq_max - 1, -1, -1))
+        self.adapter: AdapterInfo | None = None
+
+        if adapter_path is None:
+            found = find_adapter_for(self.model_path)
+            if found is not None:
+                self.attach(found)
+        elif adapter_path is not False:
+            self.attach(adapter_path)
+
+    # -- adapter ---------------------------------------------------------------------------
+
+    def attach(self, adapter_path: str | os.PathLike[str]) -> AdapterInfo:
+        """Load a δ-mem adapter (or bundle) and attach it; every session's state becomes zero."""
+        path = Path(adapter_path)
+        if not path.is_file():
+            raise AdapterError("adapter file not found", path=path)
+        with self._lock:
+            self.detach()
+            handle = dmem.llama_dmem_adapter_init(self._model, str(path).encode())
+            if not handle:
+                raise AdapterError(_strip_path(dmem.last_error(), path), path=path,
+                                   hint="convert upstream adapters with `deltamem-edge convert adapter`")
+            if dmem.llama_dmem_attach(self._ctx, handle) != 0:
+                dmem.llama_dmem_adapter_free(handle)
+                raise AdapterError(dmem.last_error(), path=path)
+            self._adapter = handle
+            n = dmem.llama_dmem_adapter_n_layers(handle)
+            self.adapter = AdapterInfo(
+                path=path,
+                rank=dmem.llama_dmem_adapter_rank(handle),
+                state_heads=dmem.llama_dmem_adapter_state_heads(handle),
+                layers=tuple(dmem.llama_dmem_adapter_layer(handle, i) for i in range(n)),
+                bundled=path.resolve() == self.model_path.resolve(),
+            )
+            return self.adapter
+
+    def detach(self) -> None:
+        """Back to the vanilla model (the δ-states are dropped)."""
+        with self._lock:
+            if self._adapter:
+                dmem.llama_dmem_attach(self._ctx, None)
+                dmem.llama_dmem_adapter_free(self._adapter)
+                self._adapter = None
+                self.adapter = None
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def session(self) -> Session:
+        """A new conversation slot: empty KV cells and a zero δ-state."""
+        with self._lock:
+            self._check_open()
+            if not self._free_seqs:
+                raise EngineError(f"all {self.n_seq_max} sessions of this engine are in use",
+                                  hint="close a session, or create the Engine with a larger n_seq_max")
+            seq = self._free_seqs.pop()
+            s = Session(self, seq)
+            s.reset()
+            return s
+
+    def _release(self, seq: int) -> None:
+        with self._lock:
+            if self._ctx:
+                llama_lib.llama_memory_seq_rm(llama_lib.llama_get_memory(self._ctx), seq, -1, -1)
+                if self._adapter:
+                    dmem.llama_dmem_state_reset(self._ctx, seq)
+                self._free_seqs.append(seq)
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_lib.llama_token * n_max)()
+        n = llama_lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            buf = (llama_lib.llama_token * -n)()
+            n = llama_lib.llama_tokenize(self._vocab, data, len(data), buf, -n, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_lib.llama_vocab_is_eog(self._vocab, token))
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value of the model, as text (None if absent)."""
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_lib.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_lib.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def model_fingerprint(self) -> bytes:
+        """sha256 of what makes a δ-state meaningful for a base model: shape and vocabulary."""
+        h = hashlib.sha256()
+        for key in ("general.architecture",):
+            h.update((self.meta(key) or "").encode() + b"\0")
+        for value in (llama_lib.llama_model_n_layer(self._model), llama_lib.llama_model_n_embd(self._model),
+                      llama_lib.llama_model_n_head(self._model), llama_lib.llama_model_n_head_kv(self._model),
+                      self.n_vocab):
+            h.update(int(value).to_bytes(8, "little"))
+        get_text = llama_lib.llama_vocab_get_text
+        for t in range(self.n_vocab):
+            h.update(get_text(self._vocab, t) or b"")
+            h.update(b"\0")
+        return h.digest()
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if not self._ctx:
+            raise EngineError("this engine is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ctx:
+                self.detach()
+                llama_lib.llama_free(self._ctx)
+                self._ctx = None
+            if self._model:
+                llama_lib.llama_model_free(self._model)
+                self._model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class Session:
+    """One conversation in an Engine: its own KV cells (sequence id) and δ-state."""
+
+    def __init__(self, engine: Engine, seq: int) -> None:
+        self.engine = engine
+        self.seq = seq
+        self.n_past = 0
+        self.tokens_written = 0
+        self._closed = False
+        self._batch = llama_lib.llama_batch_init(engine.n_batch, 0, 1)
+        n = engine.n_batch
+        self._tok = np.ctypeslib.as_array(self._batch.token, shape=(n,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(n,))
+        self._nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n,))
+        self._out = np.ctypeslib.as_array(ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(n,))
+        self._nseq[:] = 1
+        for i in range(n):
+            self._batch.seq_id[i][0] = seq
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def feed(self, ids: list[int] | np.ndarray, write: bool = True, *, logits: str = "all") -> np.ndarray:
+        """Run tokens through the model at the next positions.
+
+        Returns float32 logits ``[len(ids), n_vocab]`` (``logits="last"``: only the last
+        row, ``[1, n_vocab]``; ``"none"``: an empty array).  With ``write=True`` every
+        token is written into the δ-state; ``write=False`` reads the frozen state.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if logits not in ("all", "last", "none"):
+            raise ValueError("logits must be 'all', 'last' or 'none'")
+        eng = self.engine
+        with eng._lock:
+            self._check()
+            if ids.size == 0:
+                return np.zeros((0, eng.n_vocab), dtype=np.float32)
+            if ids.min() < 0 or ids.max() >= eng.n_vocab:
+                raise EngineError(f"token ids must be in 0..{eng.n_vocab - 1}")
+            if self.n_past + ids.size > eng.n_ctx:
+                raise EngineError(f"context full: {self.n_past} + {ids.size} tokens > n_ctx {eng.n_ctx}",
+                                  hint="drop old tokens with Session.forget() or use a larger n_ctx")
+            if eng._adapter:
+                dmem.llama_dmem_set_write(eng._ctx, bool(write))
+            rows: list[np.ndarray] = []
+            for start in range(0, ids.size, eng.n_batch):
+                chunk = ids[start:start + eng.n_batch]
+                n = chunk.size
+                last_chunk = start + n == ids.size
+                self._tok[:n] = chunk
+                self._pos[:n] = np.arange(self.n_past, self.n_past + n)
+                self._out[:n] = 1 if logits == "all" else 0
+                if logits == "last" and last_chunk:
+                    self._out[n - 1] = 1
+                self._batch.n_tokens = n
+                _bindings.take_recent_errors()
+                rc = llama_lib.llama_decode(eng._ctx, self._batch)
+                if rc != 0:
+                    raise EngineError(_why(f"llama_decode failed (code {rc})"),
+                                      hint="the KV cache may be full (code 1); try a larger n_ctx")
+                self.n_past += n
+                if write and eng._adapter:
+                    self.tokens_written += n
+                n_out = int(self._out[:n].sum())
+                if n_out:
+                    ptr = llama_lib.llama_get_logits(eng._ctx)
+                    rows.append(np.ctypeslib.as_array(ptr, shape=(n_out, eng.n_vocab)).copy())
+            if not rows:
+                return np.zeros((0, eng.n_vocab), dtype=np.float32)
+            return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+
+    def forget(self, p0: int, p1: int) -> None:
+        """Drop KV positions [p0, p1) and slide later ones back; the δ-state keeps everything.
+
+        Used when the context fills: old turns leave the KV cache but already live in the
+        state.  The δ-state is never touched here.
+        """
+        eng = self.engine
+        with eng._lock:
+            self._check()
+            if not (0 <= p0 < p1 <= self.n_past):
+                raise EngineError(f"cannot forget positions {p0}..{p1} of {self.n_past}")
+            mem = llama_lib.llama_get_memory(eng._ctx)
+            if not llama_lib.llama_memory_seq_rm(mem, self.seq, p0, p1):
+                raise EngineError("this model's memory cannot drop a range of positions")
+            llama_lib.llama_memory_seq_add(mem, self.seq, p1, -1, -(p1 - p0))
+            self.n_past -= p1 - p0
+
+    def truncate(self, n_keep: int) -> None:
+        """Drop KV positions from n_keep on (undo tokens that were fed with write=False)."""
+        eng = self.engine
+        with eng._lock:
+            self._check()
+            if not 0 <= n_keep <= self.n_past:
+                raise EngineError(f"cannot keep {n_keep} of {self.n_past} positions")
+            llama_lib.llama_memory_seq_rm(llama_lib.llama_get_memory(eng._ctx), self.seq, n_keep, -1)
+            self.n_past = n_keep
+
+    # -- δ-state ---------------------------------------------------------------------------
+
+    def _require_adapter(self) -> AdapterInfo:
+        info = self.engine.adapter
+        if info is None:
+            raise EngineError("no δ-mem adapter is attached to this engine",
+                              hint="pass adapter_path=… or a bundled model")
+        return info
+
+    def state(self) -> np.ndarray:
+        """float32 [n_dmem_layers, H*r, r]: upstream's (H, r, r) per layer, row h*r+i."""
+        eng = self.engine
+        with eng._lock:
+            self._check()
+            info = self._require_adapter()
+            out = np.empty(info.state_shape, dtype=np.float32)
+            rc = dmem.llama_dmem_state_get(eng._ctx, self.seq, out.ctypes.data_as(_bindings.c_float_p), out.size)
+            if rc != 0:
+                raise EngineError(dmem.last_error())
+            return out
+
+    def set_state(self, state: np.ndarray) -> None:
+        """Replace this session's δ-state (shape and finiteness are checked; on error nothing changes)."""
+        eng = self.engine
+        with eng._lock:
+            self._check()
+            info = self._require_adapter()
+            arr = np.ascontiguousarray(state, dtype=np.float32)
+            if arr.shape != info.state_shape:
+                raise EngineError(f"state has shape {arr.shape}, this adapter needs {info.state_shape}")
+            if not np.isfinite(arr).all():
+                raise EngineError("state holds NaN or Inf values; nothing was changed")
+            rc = dmem.llama_dmem_state_set(eng._ctx, self.seq, arr.ctypes.data_as(_bindings.c_float_p), arr.size)
+            if rc != 0:
+                raise EngineError(dmem.last_error())
+
+    def reset_state(self) -> None:
+        """Zero δ-state; the KV cache is kept."""
+        eng = self.engine
+        with eng._lock:
+            self._check()
+            self._require_adapter()
+            if dmem.llama_dmem_state_reset(eng._ctx, self.seq) != 0:
+                raise EngineError(dmem.last_error())
+
+    def reset(self) -> None:
+        """Fresh KV cells and a zero δ-state."""
+        eng = self.engine
+        with eng._lock:
+            self._check()
+            llama_lib.llama_memory_seq_rm(llama_lib.llama_get_memory(eng._ctx), self.seq, -1, -1)
+            if eng._adapter:
+                dmem.llama_dmem_state_reset(eng._ctx, self.seq)
+            self.n_past = 0
+            self.tokens_written = 0
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed:
+            raise EngineError("this session is closed")
+        self.engine._check_open()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.engine._release(self.seq)
+            llama_lib.llama_batch_free(self._batch)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _why(prefix: str) -> str:
+    errors = _bindings.take_recent_errors()
+    return f"{prefix}: {errors[-1]}" if errors else prefix
+
+
+def _strip_path(message: str, path: Path) -> str:
+    """The C side prefixes the path; our error type adds it again."""
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message

@@ -1,0 +1,77 @@
+// deltamem-edge: δ-mem online memory for llama.cpp — public C API.
+//
+// Part of deltamem-edge (our code, MIT).  Added to the llama.cpp tree at build
+// time; it only adds functions, it changes no public llama.h struct, so the
+// stock llama-cpp-python 0.3.36 ctypes bindings keep working on this library.
+//
+// Model:   an adapter (δ-mem weights, loaded from an adapter GGUF or from the
+//          δ-mem tensors bundled in a model GGUF) belongs to one llama_model.
+// Context: attaching an adapter to a llama_context allocates one state per
+//          sequence (n_seq_max of them) next to the layer weights.  The state is
+//          independent of the KV cache: seq_rm, clear and context shifts never
+//          touch it; only the functions below do.
+// Batches: while an adapter is attached, every llama_decode batch must hold the
+//          tokens of ONE sequence, unless the context was made with
+//          kv_unified = false (then tokens of several sequences may be mixed,
+//          each token in exactly one sequence).  Other batches are refused
+//          (llama_decode returns -1 and logs why).
+// Errors:  functions returning int32_t give 0 on success and a negative value
+//          on error; llama_dmem_last_error() then describes the error
+//          (thread-local, valid until the next call on the same thread).
+
+#pragma once
+
+#include "llama.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Bumped whenever a function below changes; the Python bindings check it.
+#define LLAMA_DMEM_API_VERSION 1
+
+struct llama_dmem_adapter;
+
+LLAMA_API int32_t      llama_dmem_api_version(void);
+LLAMA_API const char * llama_dmem_last_error(void);
+
+// Loads the δ-mem weights from `path` (an adapter GGUF with adapter.type = "deltamem",
+// or a model GGUF that bundles δ-mem tensors) and validates them against `model`:
+// architecture, layer indices, widths of every projection.  NULL on error.
+LLAMA_API struct llama_dmem_adapter * llama_dmem_adapter_init(struct llama_model * model, const char * path);
+LLAMA_API void llama_dmem_adapter_free(struct llama_dmem_adapter * adapter);
+
+// 1 if `path` carries δ-mem metadata (adapter or bundle), 0 if not, negative if unreadable.
+LLAMA_API int32_t llama_dmem_file_has_adapter(const char * path);
+
+LLAMA_API int32_t llama_dmem_adapter_rank       (const struct llama_dmem_adapter * adapter);
+LLAMA_API int32_t llama_dmem_adapter_state_heads(const struct llama_dmem_adapter * adapter);
+LLAMA_API int32_t llama_dmem_adapter_n_layers   (const struct llama_dmem_adapter * adapter);
+// base-model layer index of the i-th δ-mem layer (0 <= i < n_layers), -1 if out of range
+LLAMA_API int32_t llama_dmem_adapter_layer      (const struct llama_dmem_adapter * adapter, int32_t i);
+
+// Attach `adapter` to `ctx` (NULL detaches and gives back the vanilla model).  Every
+// sequence starts with a zero state.  Writes are enabled after attaching.
+LLAMA_API int32_t llama_dmem_attach(struct llama_context * ctx, struct llama_dmem_adapter * adapter);
+LLAMA_API bool    llama_dmem_is_attached(const struct llama_context * ctx);
+
+// Writes on (default) or off.  Off = read-only: every token reads the frozen state.
+LLAMA_API int32_t llama_dmem_set_write(struct llama_context * ctx, bool write);
+LLAMA_API bool    llama_dmem_get_write(const struct llama_context * ctx);
+
+// Compact state of one sequence: float32 [n_layers, state_heads*rank, rank], row h*rank+i
+// of each layer is component i of state head h (upstream's layout).  n_floats of it.
+LLAMA_API int64_t llama_dmem_state_n_floats(const struct llama_context * ctx);
+LLAMA_API int32_t llama_dmem_state_get  (struct llama_context * ctx, llama_seq_id seq, float * dst, size_t n_floats);
+// Refuses non-finite values; on any error the state is unchanged.
+LLAMA_API int32_t llama_dmem_state_set  (struct llama_context * ctx, llama_seq_id seq, const float * src, size_t n_floats);
+// seq < 0 resets every sequence
+LLAMA_API int32_t llama_dmem_state_reset(struct llama_context * ctx, llama_seq_id seq);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,395 @@
+"""The patched llama.cpp engine against the float64 numpy reference.
+
+Every model and adapter here is built by the test itself (tests/ggufs.py): random
+weights, random NON-ZERO adapters (an all-zero adapter would make every check
+vacuous), f32 weights and an f32 KV cache so that the engine's float32 graph can
+be held to a tight tolerance against the float64 oracle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ggufs import random_adapter_weights, write_adapter, write_random_adapter, write_tiny_model
+
+from deltamem_edge import Engine
+from deltamem_edge.errors import AdapterError, EngineError
+from deltamem_edge.reference import RefAdapter, RefModel
+
+RNG_IDS = [int(x) for x in np.random.default_rng(7).integers(0, 256, 24)]
+TOL = 1e-4  # relative to the largest |logit| (or |state|) of the reference
+
+
+def close(a: np.ndarray, ref: np.ndarray, tol: float = TOL) -> float:
+    """Max |a - ref| divided by max |ref|; asserts it is within tol."""
+    err = float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-12))
+    assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
+    return err
+
+
+def engine(model: Path, adapter: Path | bool | None, **kw) -> Engine:
+    kw.setdefault("n_ctx", 256)
+    return Engine(model, adapter, f32_kv=True, flash_attn=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("engine")
+    return {arch: write_tiny_model(d / f"{arch}.gguf", arch) for arch in ("qwen3", "llama", "qwen2", "smollm3")}
+
+
+def _adapter(tiny: dict[str, Path], arch: str, tmp_path: Path, **kw) -> Path:
+    return write_random_adapter(tmp_path / f"{arch}.dmem.gguf", tiny[arch], **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# logits and state against the reference
+# ---------------------------------------------------------------------------------------------
+
+CASES = [
+    ("qwen3", dict(rank=4, state_heads=1, delta_heads="q,o")),
+    ("qwen3", dict(rank=8, state_heads=1, delta_heads="q,o")),
+    ("qwen3", dict(rank=4, state_heads=4, delta_heads="q,k,v,o")),
+    ("qwen3", dict(rank=8, state_heads=4, delta_heads="q,o", delta_o_rmsnorm=True)),
+    ("llama", dict(rank=4, state_heads=1, delta_heads="q,o")),
+    ("llama", dict(rank=8, state_heads=4, delta_heads="q,k,v,o")),
+    ("qwen2", dict(rank=8, state_heads=1, delta_heads="q,v,o")),
+    ("smollm3", dict(rank=4, state_heads=2, delta_heads="q,k,o")),
+    ("qwen3", dict(rank=4, update_mode="standard", couple_lambda=False)),
+    ("qwen3", dict(rank=4, update_mode="lambda_outside", couple_lambda=True)),
+    ("qwen3", dict(rank=4, update_mode="lambda_outside", couple_lambda=False)),
+    ("llama", dict(rank=4, update_mode="no_lambda")),
+    ("qwen3", dict(rank=32, state_heads=1, delta_heads="o")),
+    ("llama", dict(rank=4, layers=[1])),
+]
+
+
+@pytest.mark.parametrize("arch,kw", CASES, ids=[f"{a}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for a, kw in CASES])
+def test_logits_and_state_match_reference(tiny, tmp_path, arch, kw):
+    adapter = _adapter(tiny, arch, tmp_path, seed=11, **kw)
+    ref = RefModel(tiny[arch])
+    rs = ref.session(RefAdapter(adapter, ref))
+    ref_logits = rs.feed(RNG_IDS)
+    base_logits = ref.session(None).feed(RNG_IDS)
+    # the adapter must matter, or the comparison below proves nothing
+    assert np.abs(ref_logits - base_logits).max() > 0.1 * np.abs(base_logits).max()
+
+    with engine(tiny[arch], adapter) as eng:
+        s = eng.session()
+        close(s.feed(RNG_IDS), ref_logits)
+        close(s.state(), rs.state())
+        assert s.tokens_written == len(RNG_IDS)
+
+
+def test_unnormalized_memory_qk_matches_reference(tiny, tmp_path):
+    """normalize_qk=False: raw memory q/k; k is kept small so the delta rule stays contractive."""
+    weights = random_adapter_weights(tiny["qwen3"], rank=4, seed=2)
+    for w in weights.values():
+        w["memory_k_proj"] *= 0.05
+    adapter = write_adapter(tmp_path / "raw.dmem.gguf", tiny["qwen3"], weights, rank=4, normalize_qk=False)
+    ref = RefModel(tiny["qwen3"])
+    rs = ref.session(RefAdapter(adapter, ref))
+    ref_logits = rs.feed(RNG_IDS)
+    with engine(tiny["qwen3"], adapter) as eng:
+        s = eng.session()
+        close(s.feed(RNG_IDS), ref_logits)
+        close(s.state(), rs.state())
+
+
+def test_dtype_f16_adapter_matches_reference(tiny, tmp_path):
+    adapter = _adapter(tiny, "qwen3", tmp_path, rank=8, dtype="f16", seed=3)
+    ref = RefModel(tiny["qwen3"])
+    rs = ref.session(RefAdapter(adapter, ref))
+    with engine(tiny["qwen3"], adapter) as eng:
+        # f16 weights are exact in the reference too; the engine rounds activations to f16 for them
+        close(eng.session().feed(RNG_IDS), rs.feed(RNG_IDS), tol=5e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# invariances
+# ---------------------------------------------------------------------------------------------
+
+
+def test_chunking_invariance(tiny, tmp_path):
+    """One call, token by token, and several ubatches give the same logits and state."""
+    adapter = _adapter(tiny, "qwen3", tmp_path, rank=8, state_heads=2)
+    with engine(tiny["qwen3"], adapter) as eng:
+        s = eng.session()
+        whole = s.feed(RNG_IDS)
+        whole_state = s.state()
+        s.reset()
+        single = np.concatenate([s.feed([t]) for t in RNG_IDS])
+        single_state = s.state()
+        s.reset()
+        parts = np.concatenate([s.feed(RNG_IDS[:5]), s.feed(RNG_IDS[5:6]), s.feed(RNG_IDS[6:])])
+        parts_state = s.state()
+    with engine(tiny["qwen3"], adapter, n_batch=4) as eng4:  # 24 tokens -> 6 ubatches
+        s4 = eng4.session()
+        ubatched = s4.feed(RNG_IDS)
+        ubatched_state = s4.state()
+    for logits, state in ((single, single_state), (parts, parts_state), (ubatched, ubatched_state)):
+        close(logits, whole, tol=1e-5)
+        close(state, whole_state, tol=1e-5)
+
+
+def test_get_reset_set_continue_equals_uninterrupted(tiny, tmp_path):
+    """The δ-state round trip: get, reset it, set it back, go on = never interrupted (bit for bit)."""
+    adapter = _adapter(tiny, "llama", tmp_path, rank=4, state_heads=2)
+    a, b = RNG_IDS[:10], RNG_IDS[10:]
+    with engine(tiny["llama"], adapter) as eng:
+        s = eng.session()
+        s.feed(a)
+        straight = s.feed(b)
+        straight_state = s.state()
+
+        s.reset()
+        s.feed(a)
+        saved = s.state()
+        s.reset_state()
+        assert np.abs(s.state()).max() == 0.0
+        s.set_state(saved)
+        np.testing.assert_array_equal(s.feed(b), straight)
+        np.testing.assert_array_equal(s.state(), straight_state)
+
+
+def test_memory_regime_state_without_kv(tiny, tmp_path):
+    """A new session given a saved state behaves like the old one with its KV cache dropped."""
+    adapter = _adapter(tiny, "qwen3", tmp_path, rank=8)
+    a, b = RNG_IDS[:14], RNG_IDS[14:]
+    ref = RefModel(tiny["qwen3"])
+    rs = ref.session(RefAdapter(adapter, ref))
+    rs.feed(a)
+    ref_state = rs.state()
+    fresh = ref.session(RefAdapter(adapter, ref))
+    fresh.set_state(ref_state)
+    ref_b = fresh.feed(b)
+    with engine(tiny["qwen3"], adapter, n_seq_max=2) as eng:
+        old = eng.session()
+        old.feed(a)
+        saved = old.state()
+        close(saved, ref_state)
+        old.truncate(0)  # KV gone, state kept
+        dropped = old.feed(b)
+        new = eng.session()
+        new.set_state(saved)
+        resumed = new.feed(b)
+        close(resumed, dropped, tol=1e-5)  # other KV cells: summation order may differ
+        close(resumed, ref_b)
+
+
+def test_read_only_leaves_state_bit_identical(tiny, tmp_path):
+    adapter = _adapter(tiny, "qwen3", tmp_path, rank=8, state_heads=4, delta_heads="q,k,v,o")
+    ref = RefModel(tiny["qwen3"])
+    rs = ref.session(RefAdapter(adapter, ref))
+    rs.feed(RNG_IDS[:12])
+    ref_ro = rs.feed(RNG_IDS[12:], write=False)
+    with engine(tiny["qwen3"], adapter) as eng:
+        s = eng.session()
+        s.feed(RNG_IDS[:12])
+        before = s.state()
+        ro = s.feed(RNG_IDS[12:], write=False)
+        after = s.state()
+        np.testing.assert_array_equal(before, after)
+        assert s.tokens_written == 12
+        close(ro, ref_ro)
+        close(after, rs.state())
+
+
+def test_first_token_after_reset_equals_base_model(tiny, tmp_path):
+    adapter = _adapter(tiny, "qwen3", tmp_path, rank=8, delta_heads="q,k,v,o")
+    with engine(tiny["qwen3"], False) as base:
+        expected = base.session().feed(RNG_IDS[:1])
+    with engine(tiny["qwen3"], adapter) as eng:
+        s = eng.session()
+        s.feed(RNG_IDS)
+        s.reset()
+        first = s.feed(RNG_IDS[:1])
+    np.testing.assert_array_equal(first, expected)  # the first read is exactly 0, so every δ is 0
+
+
+def test_detached_adapter_gives_the_vanilla_model(tiny, tmp_path):
+    adapter = _adapter(tiny, "smollm3", tmp_path, rank=4)
+    with engine(tiny["smollm3"], False) as base:
+        expected = base.session().feed(RNG_IDS)
+    with engine(tiny["smollm3"], adapter) as eng:
+        s = eng.session()
+        with_memory = s.feed(RNG_IDS)
+        assert np.abs(with_memory - expected).max() > 0.1
+        eng.detach()
+        s.reset()
+        np.testing.assert_array_equal(s.feed(RNG_IDS), expected)
+        with pytest.raises(EngineError, match="no δ-mem adapter"):
+            s.state()
+
+
+def test_two_sequences_interleaved_equal_each_alone(tiny, tmp_path):
+    adapter = _adapter(tiny, "qwen3", tmp_path, rank=4, state_heads=2)
+    x, y = RNG_IDS, [int(t) for t in np.random.default_rng(9).integers(0, 256, 24)]
+    with engine(tiny["qwen3"], adapter) as eng:
+        s = eng.session()
+        alone_x, state_x = s.feed(x), s.state()
+        s.reset()
+        alone_y, state_y = s.feed(y), s.state()
+    with engine(tiny["qwen3"], adapter, n_seq_max=2) as eng2:
+        sx, sy = eng2.session(), eng2.session()
+        assert sx.seq != sy.seq
+        out_x, out_y = [], []
+        for i in range(0, 24, 6):
+            out_x.append(sx.feed(x[i:i + 6]))
+            out_y.append(sy.feed(y[i:i + 6]))
+        close(np.concatenate(out_x), alone_x, tol=1e-5)
+        close(np.concatenate(out_y), alone_y, tol=1e-5)
+        close(sx.state(), state_x, tol=1e-5)
+        close(sy.state(), state_y, tol=1e-5)
+
+
+def test_bundle_equals_standalone_adapter(tiny, tmp_path):
+    standalone = _adapter(tiny, "qwen3", tmp_path, rank=4, seed=5)
+    bundle = write_random_adapter(tmp_path / "a.dmem.gguf", tiny["qwen3"], rank=4, seed=5,
+                                  bundle_into=tmp_path / "bundle.gguf")
+    with engine(tiny["qwen3"], standalone) as eng:
+        expected = eng.session().feed(RNG_IDS)
+    with engine(bundle, None) as eng:  # adapter_path=None: the bundled tensors are found
+        assert eng.adapter is not None and eng.adapter.bundled
+        np.testing.assert_array_equal(eng.session().feed(RNG_IDS), expected)
+    with engine(bundle, False) as eng:  # and the bundle still loads as a plain model
+        assert eng.adapter is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the hand-checkable vector of deltamem-math.md §10.1, through the engine
+# ---------------------------------------------------------------------------------------------
+
+HAND = {
+    "q": np.array([[0.5, -1.0], [2.0, 0.25], [-0.3, 0.8]]),
+    "k": np.array([[1.0, 0.0], [0.3, -0.7], [0.0, 1.5]]),
+    "v": np.array([[0.2, -0.4], [1.0, 0.5], [-0.6, 0.1]]),
+    "z": np.array([[0.0, 1.0], [-1.0, 0.5], [2.0, -2.0]]),
+}
+HAND_STATES = [
+    np.array([[0.1, 0.0], [-0.292423, 0.0]]),
+    np.array([[0.184811, -0.231747], [0.059052, -0.351556]]),
+    np.array([[0.022030, -0.351981], [0.052013, -0.255822]]),
+]
+
+
+def test_hand_vector_through_the_engine(tiny, tmp_path):
+    """Choose W_in so that layer 0 sees exactly the §10.1 raw projections for 3 tokens."""
+    model = tiny["qwen3"]
+    ref = RefModel(model)
+    tokens = [3, 141, 77]
+    emb = ref.w["token_embd.weight"][tokens].astype(np.float64)
+    eps = ref.hp.norm_eps
+    x = emb / np.sqrt((emb ** 2).mean(-1, keepdims=True) + eps) * ref.w["blk.0.attn_norm.weight"]
+    pinv = np.linalg.pinv(x)  # x @ pinv == I (3 independent 64-vectors)
+
+    def solve(target: np.ndarray) -> np.ndarray:  # W (2, 64) with x @ W.T == target
+        return (pinv @ target).T.astype(np.float32)
+
+    rng = np.random.default_rng(0)
+    weights = {0: {
+        "memory_q_proj": solve(HAND["q"]), "memory_k_proj": solve(HAND["k"]),
+        "memory_v_proj": solve(HAND["v"]), "beta_proj": solve(HAND["z"]),
+        "beta_bias": np.zeros(2, np.float32),
+        "delta_q_proj": rng.normal(0, 0.2, (64, 2)).astype(np.float32),
+        "delta_o_proj": rng.normal(0, 0.2, (64, 2)).astype(np.float32),
+    }}
+    adapter = write_adapter(tmp_path / "hand.dmem.gguf", model, weights, rank=2)
+    with engine(model, adapter) as eng:
+        s = eng.session()
+        for t, expected in zip(tokens, HAND_STATES, strict=True):
+            s.feed([t])
+            np.testing.assert_allclose(s.state()[0], expected, atol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad adapters: a clear error, and the engine keeps working
+# ---------------------------------------------------------------------------------------------
+
+
+def _lora_file(path: Path, base: Path) -> Path:
+    import gguf
+
+    wr = gguf.GGUFWriter(path, "qwen3")
+    wr.add_type("adapter")
+    wr.add_string("adapter.type", "lora")
+    wr.add_float32("adapter.lora.alpha", 8.0)
+    wr.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((4, 64), np.float32))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return path
+
+
+def test_bad_adapters_are_refused_cleanly(tiny, tmp_path):
+    good = _adapter(tiny, "qwen3", tmp_path, rank=4)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size - 100])
+    wrong_arch = write_random_adapter(tmp_path / "llama.dmem.gguf", tiny["llama"], rank=4)
+    other_width = write_tiny_model(tmp_path / "wide.gguf", "qwen3", n_embd=96, n_layer=2)
+    wrong_width = write_random_adapter(tmp_path / "wide.dmem.gguf", other_width, rank=4)
+    deeper = write_tiny_model(tmp_path / "deep.gguf", "qwen3", n_layer=4)
+    too_deep = write_random_adapter(tmp_path / "deep.dmem.gguf", deeper, rank=4, layers=[3])
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + b"\xff" * 64)
+    cases = {
+        _lora_file(tmp_path / "lora.gguf", tiny["qwen3"]): "'lora' adapter, not a δ-mem adapter",
+        truncated: "truncated|not a readable GGUF",
+        wrong_arch: "architecture 'llama' but the model is 'qwen3'",
+        wrong_width: r"shape \[96, 16\] but .* needs \[64, 16\]",
+        too_deep: "layer 3 but the model has 2 layers",
+        garbage: "not a readable GGUF",
+        tiny["qwen3"]: "no δ-mem metadata",
+    }
+    with engine(tiny["qwen3"], False) as eng:
+        s = eng.session()
+        expected = s.feed(RNG_IDS[:4])
+        for path, pattern in cases.items():
+            with pytest.raises(AdapterError, match=pattern) as info:
+                eng.attach(path)
+            assert str(path) in str(info.value)
+            assert eng.adapter is None
+        s.reset()
+        np.testing.assert_array_equal(s.feed(RNG_IDS[:4]), expected)
+        eng.attach(good)  # and a good one still attaches afterwards
+        assert eng.adapter is not None
+
+
+def test_bad_states_are_refused_and_leave_the_state_alone(tiny, tmp_path):
+    adapter = _adapter(tiny, "qwen3", tmp_path, rank=4)
+    with engine(tiny["qwen3"], adapter) as eng:
+        s = eng.session()
+        s.feed(RNG_IDS)
+        before = s.state()
+        bad = before.copy()
+        bad[1, 2, 3] = np.nan
+        with pytest.raises(EngineError, match="NaN or Inf"):
+            s.set_state(bad)
+        with pytest.raises(EngineError, match="shape"):
+            s.set_state(before[:, :2])
+        np.testing.assert_array_equal(s.state(), before)
+
+
+def test_mixed_sequence_batch_is_refused_not_crashed(tiny, tmp_path):
+    """A raw llama_decode with two sequences in one batch gets -1 and a log line, no abort."""
+    from deltamem_edge._bindings import llama_lib
+
+    adapter = _adapter(tiny, "qwen3", tmp_path, rank=4)
+    with engine(tiny["qwen3"], adapter, n_seq_max=2) as eng:
+        batch = llama_lib.llama_batch_init(4, 0, 1)
+        try:
+            for i in range(4):
+                batch.token[i] = RNG_IDS[i]
+                batch.pos[i] = i // 2
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = i % 2
+                batch.logits[i] = 1
+            batch.n_tokens = 4
+            assert llama_lib.llama_decode(eng._ctx, batch) == -1
+        finally:
+            llama_lib.llama_batch_free(batch)
+        s = eng.session()  # still usable
+        assert s.feed(RNG_IDS[:3]).shape == (3, 256)
