@@ -81,6 +81,7 @@ class BuildConfig:
     """Everything that changes the compiled library; hashed into the cache key."""
 
     backend: str
+    patched: bool = True  # False: stock llama.cpp at the same commit and flags (the benchmark's baseline)
 
     def cmake_flags(self) -> list[str]:
         flags = [
@@ -126,16 +127,16 @@ def sources_digest() -> str:
 def build_key(config: BuildConfig) -> str:
     h = hashlib.sha256()
     h.update(SDIST_SHA256.encode())
-    h.update(sources_digest().encode())
+    h.update(sources_digest().encode() if config.patched else b"stock")
     h.update("\0".join(config.cmake_flags()).encode())
     h.update(platform.machine().encode())
-    return f"{config.backend}-{h.hexdigest()[:16]}"
+    return f"{config.backend}{'' if config.patched else '-stock'}-{h.hexdigest()[:16]}"
 
 
 def library_dir(config: BuildConfig | None = None) -> Path:
     """Folder that holds (or will hold) the patched libraries for this configuration."""
     env = os.environ.get("DELTAMEM_LIB_DIR")
-    if env:
+    if env and (config is None or config.patched):
         return Path(env).expanduser()
     config = config or BuildConfig(default_backend())
     return cache_root() / "lib" / build_key(config)
@@ -266,7 +267,7 @@ def build(config: BuildConfig | None = None, *, force: bool = False) -> Path:
     out = library_dir(config)
     if not force and _lib_file(out).exists():
         return out
-    if os.environ.get("DELTAMEM_LIB_DIR"):
+    if os.environ.get("DELTAMEM_LIB_DIR") and config.patched:
         raise BuildError("DELTAMEM_LIB_DIR points at a folder without libllama", path=out)
     cmake = _need("cmake", "install CMake >= 3.21 (Debian/Ubuntu: apt install cmake; macOS: brew install cmake)")
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
@@ -283,7 +284,8 @@ def build(config: BuildConfig | None = None, *, force: bool = False) -> Path:
     work.mkdir(parents=True)
     _say(f"preparing sources in {work}")
     tree = _extract_vendor(sdist, work)
-    _apply_ours(tree)
+    if config.patched:
+        _apply_ours(tree)
     bdir = work / "build"
     env = _cmake_env(root)
     flags = config.cmake_flags() + (["-DGGML_CCACHE=ON"] if shutil.which("ccache") else ["-DGGML_CCACHE=OFF"])
@@ -326,7 +328,7 @@ def _install_libs(bin_dir: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def _prune_old(root: Path, keep: int = 4) -> None:
+def _prune_old(root: Path, keep: int = 6) -> None:
     """Keep the newest `keep` build folders and libraries; old keys only waste disk."""
     for sub in ("build", "lib"):
         folder = root / sub
