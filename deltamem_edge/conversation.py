@@ -1,0 +1,433 @@
+"""Conversations with memory: the turn loop on top of an Engine Session and a memory file.
+
+The protocol follows upstream's chat session (deltamem-math.md §4.2) with these
+deliberate differences (docs/embedding.md lists them):
+
+* **Memory regime across runs.**  A new run starts with an empty KV cache and the
+  saved δ-state: the history lives in the state.  Within a run, earlier turns stay
+  in the KV cache as upstream keeps them.  ``recall_turns`` replays the last turns
+  of the saved transcript into the context with writes OFF, so nothing is written
+  twice.
+* **Sampled ids are kept.**  The KV cache holds exactly the tokens that were fed.
+  The next prompt is the *text* the chat template adds after what is already in
+  the cache; only when a template is not prefix-stable do we fall back to a token
+  prefix match, and then the re-rendered old part is fed read-only (upstream
+  rebuilds the whole conversation with writes on, which would write it twice).
+* **Every end-of-generation token stops** (upstream checks only ``eos``); like
+  upstream, the stop token itself is not fed, the template's closing tail is.
+* **Context overflow.**  When the context fills, the oldest messages leave the KV
+  cache and the conversation goes on; they already live in the state.
+* The system prompt is written into memory once: in a later run with a non-empty
+  memory it is fed read-only.
+
+Every token that enters the KV cache with writes on is written exactly once, in
+order, at the moment it enters.  The state is saved atomically after every turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import statefile
+from .engine import Engine
+from .errors import EngineError
+from .fingerprint import adapter_fingerprint
+from .sampling import Sampler, SamplingParams
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+Message = dict[str, str]
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    interrupted: bool = False
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done, so a decode and its bookkeeping stay together."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[object] = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+class _Template:
+    """The model's Jinja chat template, rendered like llama-cpp-python does."""
+
+    def __init__(self, engine: Engine) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        source = engine.meta("tokenizer.chat_template")
+        self.is_default = source is None
+        source = source or CHATML
+
+        def tok_text(key: str) -> str:
+            value = engine.meta(key)
+            return engine.detokenize([int(value)], special=True) if value not in (None, "") else ""
+
+        bos, eos = tok_text("tokenizer.ggml.bos_token_id"), tok_text("tokenizer.ggml.eos_token_id")
+        self._gen = Jinja2ChatFormatter(source, eos, bos, add_generation_prompt=True)
+        self._plain = Jinja2ChatFormatter(source, eos, bos, add_generation_prompt=False)
+
+    def render(self, messages: list[Message], *, generation_prompt: bool) -> str:
+        if not messages:
+            return ""
+        fmt = self._gen if generation_prompt else self._plain
+        return fmt(messages=messages).prompt
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Conversation:
+    """A chat whose memory is a δ-mem state file.
+
+    ``say(text)`` returns the reply; ``say(text, stream=True)`` yields text pieces as
+    they are generated.  One Conversation per thread; several Conversations can share
+    one Engine (``n_seq_max`` sessions).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        memory: str | Path | None = None,
+        *,
+        system: str | None = None,
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int = 512,
+        recall_turns: int = 0,
+        readonly: bool = False,
+        transcript_turns: int = 8,
+        model_label: str = "",
+    ) -> None:
+        self.engine = engine
+        self.max_new_tokens = max_new_tokens
+        self.transcript_turns = transcript_turns
+        self.readonly = readonly
+        self.stats = TurnStats()
+        self.history: list[Message] = []  # the whole transcript known to this conversation
+        self.turns = 0
+        self._tokens_before = 0  # tokens written by earlier runs (from the memory file)
+        self._created_us = statefile.now_us()
+        self._template = _Template(engine)
+        self._sampler = Sampler(sampling or SamplingParams(), engine.n_vocab)
+        self._file: statefile.MemoryFile | None = None
+        self._closed = False
+
+        if memory is not None and engine.adapter is None:
+            raise EngineError("a memory file needs a δ-mem adapter, and this model has none",
+                              hint="pass --adapter, use a bundled model, or drop --memory")
+        self.session = engine.session()
+        # what is in the KV cache right now
+        self.messages: list[Message] = []  # messages whose tokens are in the cache
+        self._spans: list[tuple[int, int]] = []  # (tokens, messages) per evictable block after the preamble
+        self._preamble = 0  # tokens before the first message span (never evicted)
+        self._kv: list[int] = []  # the token ids in the cache, in position order
+        self._rendered: str | None = ""  # template text equal to the cache, or None if unknown
+
+        try:
+            if engine.adapter is not None:
+                self._adapter_fp = adapter_fingerprint(engine.adapter.path)
+                self._model_fp = engine.model_fingerprint()
+            self.model_label = model_label or (engine.meta("general.name") or engine.model_path.stem)
+            self.adapter_label = engine.meta("general.name") if engine.adapter and engine.adapter.bundled else (
+                engine.adapter.path.name if engine.adapter else "")
+            if memory is not None:
+                self._open_memory(Path(memory))
+            if system:
+                self._start_with_system({"role": "system", "content": system})
+            if recall_turns > 0:
+                self.recall(recall_turns)
+        except BaseException:
+            self.session.close()
+            if self._file:
+                self._file.close()
+            raise
+
+    # -- memory file -----------------------------------------------------------------------
+
+    @property
+    def memory_path(self) -> Path | None:
+        return self._file.path if self._file else None
+
+    @property
+    def tokens_written(self) -> int:
+        return self._tokens_before + self.session.tokens_written
+
+    def _open_memory(self, path: Path) -> None:
+        self._file = statefile.MemoryFile(path, readonly=self.readonly)
+        mem = self._file.load(adapter_fp=self._adapter_fp, model_fp=self._model_fp,
+                              shape=self.engine.adapter.state_shape)
+        if mem is None:
+            return
+        self.session.set_state(mem.state)
+        self._tokens_before = mem.header.tokens_written
+        self.turns = mem.header.turns
+        self._created_us = mem.header.created_us
+        self.history = [dict(m) for m in mem.transcript]
+
+    def _memory_state(self) -> statefile.MemoryState:
+        state = self.session.state()
+        if not np.isfinite(state).all():
+            raise EngineError("the δ-state holds NaN or Inf values; the memory file was not overwritten",
+                              hint="this adapter diverged on this input; the last saved memory is intact")
+        mem = statefile.MemoryState.new(adapter_fp=self._adapter_fp, model_fp=self._model_fp, state=state,
+                                        state_heads=self.engine.adapter.state_heads,
+                                        adapter_label=statefile.clip_label(self.adapter_label),
+                                        model_label=statefile.clip_label(self.model_label))
+        header = dataclasses.replace(mem.header, tokens_written=self.tokens_written, turns=self.turns,
+                                     created_us=self._created_us, updated_us=statefile.now_us())
+        transcript = statefile.trim_transcript(self.history, self.transcript_turns) if self.transcript_turns else []
+        return statefile.MemoryState(header=header, state=state, transcript=transcript)
+
+    def save(self) -> Path | None:
+        """Write the memory file now (it is also written after every turn)."""
+        if self._file is None or self.readonly:
+            return None
+        self._file.save(self._memory_state())
+        return self._file.path
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def _feed(self, ids: list[int], write: bool, progress: Progress | None = None) -> np.ndarray | None:
+        """Feed ids in chunks (for progress), keeping the cache bookkeeping in step."""
+        logits = None
+        step = self.engine.n_batch * 4 if progress else len(ids)
+        for start in range(0, len(ids), max(step, 1)):
+            chunk = ids[start:start + step]
+            with deferred_interrupts():
+                logits = self.session.feed(chunk, write=write, logits="last")
+                self._kv.extend(chunk)
+            if progress:
+                progress(start + len(chunk), len(ids))
+        return logits
+
+    def _tokenize(self, text: str) -> list[int]:
+        # template output already carries its special tokens (BOS included when the template wants it)
+        return self.engine.tokenize(text, add_special=False, parse_special=True)
+
+    def _start_with_system(self, message: Message) -> None:
+        text = self._template.render([message], generation_prompt=False)
+        ids = self._tokenize(text)
+        self._feed(ids, write=self.tokens_written == 0 and not self.readonly)
+        self.messages.append(message)
+        self._preamble = len(self._kv)
+        self._rendered = text
+
+    def _make_room(self, needed: int) -> None:
+        """Evict the oldest whole messages from the cache until `needed` more tokens fit."""
+        n_ctx = self.engine.n_ctx
+        if needed > n_ctx - self._preamble - 8:
+            raise EngineError(f"a single turn of {needed} tokens does not fit the context of {n_ctx}",
+                              hint="use a larger --ctx-size or a shorter message")
+        first = 1 if self.messages and self.messages[0]["role"] == "system" and self._preamble else 0
+        while self.session.n_past + needed > n_ctx and len(self._spans) > 0:
+            n, n_messages = self._spans.pop(0)
+            p0 = self._preamble
+            with deferred_interrupts():
+                if n:
+                    self.session.forget(p0, p0 + n)
+                del self._kv[p0:p0 + n]
+                del self.messages[first:first + n_messages]
+            self._rendered = None  # the template may render the shortened history differently
+
+    def _prompt_ids(self, messages: list[Message]) -> tuple[list[int], list[int]]:
+        """(read-only ids, written ids) that bring the cache to `messages` + generation prompt."""
+        text = self._template.render(messages, generation_prompt=True)
+        if self._rendered is not None and text.startswith(self._rendered):
+            return [], self._tokenize(text[len(self._rendered):])
+        # template not prefix-stable: re-render; the old part is fed read-only (never written twice)
+        old_ids = self._tokenize(self._template.render(messages[:-1], generation_prompt=False))
+        new_ids = self._tokenize(text)
+        boundary = _common_prefix(old_ids, new_ids)
+        keep = min(_common_prefix(self._kv, new_ids), boundary)
+        self.session.truncate(keep)
+        del self._kv[keep:]
+        return new_ids[keep:boundary], new_ids[boundary:]
+
+    def recall(self, n_turns: int, progress: Progress | None = None) -> int:
+        """Replay the last `n_turns` user turns of the transcript into the context, writes off."""
+        recalled = statefile.trim_transcript(self.history, n_turns) if n_turns > 0 else []
+        if not recalled:
+            return 0
+        messages = self.messages + recalled
+        text = self._template.render(messages, generation_prompt=False)
+        ids = self._tokenize(text)
+        self._make_room(max(0, len(ids) - len(self._kv)) + 8)
+        keep = _common_prefix(self._kv, ids)
+        self.session.truncate(keep)
+        del self._kv[keep:]
+        self._feed(ids[keep:], write=False, progress=progress)
+        self._spans.append((len(self._kv) - self._preamble - sum(n for n, _ in self._spans), len(recalled)))
+        self.messages = messages
+        self._rendered = text
+        return len(recalled)
+
+    # -- a turn ----------------------------------------------------------------------------
+
+    def say(self, text: str, *, stream: bool = False, progress: Progress | None = None) -> str | Iterator[str]:
+        """Answer `text`.  With stream=True, an iterator of text pieces (closing it stops the reply)."""
+        if self._closed:
+            raise EngineError("this conversation is closed")
+        gen = self._turn(text, progress)
+        return gen if stream else "".join(gen)
+
+    def _turn(self, text: str, progress: Progress | None) -> Iterator[str]:
+        eng = self.engine
+        user = {"role": "user", "content": text}
+        messages = self.messages + [user]
+        readonly_ids, written_ids = self._prompt_ids(messages)
+        reserve = min(self.max_new_tokens, eng.n_ctx // 2) + 16
+        self._make_room(len(readonly_ids) + len(written_ids) + reserve)
+        if self._rendered is None:  # eviction changed the history: compute the prompt again
+            readonly_ids, written_ids = self._prompt_ids(self.messages + [user])
+        self.stats = TurnStats(prompt_tokens=len(readonly_ids) + len(written_ids))
+        start = len(self._kv)
+        t0 = time.perf_counter()
+        if readonly_ids:
+            self._feed(readonly_ids, write=False, progress=progress)
+        logits = self._feed(written_ids, write=not self.readonly, progress=progress)
+        self.stats.prefill_s = time.perf_counter() - t0
+        self.messages.append(user)
+        self.history.append(user)
+        self._spans.append((len(self._kv) - start, 1))
+        prompt_text = self._template.render(self.messages, generation_prompt=True)
+        self._rendered = prompt_text
+
+        generated: list[int] = []
+        decoder = _Utf8Stream(eng)
+        t1 = time.perf_counter()
+        start = len(self._kv)
+        try:
+            for _ in range(self.max_new_tokens):
+                token = self._sampler.sample(logits[-1])
+                if eng.is_eog(token):
+                    break
+                if self.session.n_past + 8 >= eng.n_ctx:
+                    self._make_room(64)
+                generated.append(token)
+                with deferred_interrupts():
+                    logits = self.session.feed([token], write=not self.readonly, logits="last")
+                    self._kv.append(token)
+                piece = decoder.push(token)
+                if piece:
+                    yield piece
+            tail = decoder.flush()
+            if tail:
+                yield tail
+        except (GeneratorExit, KeyboardInterrupt):
+            self.stats.interrupted = True
+            raise
+        finally:
+            self.stats.decode_s = time.perf_counter() - t1
+            self.stats.generated_tokens = len(generated)
+            self._finish_reply(prompt_text, generated, start)
+
+    def _finish_reply(self, prompt_text: str, generated: list[int], start: int) -> None:
+        """Close the assistant message in the cache (template tail, written) and save."""
+        reply = self.engine.detokenize(generated)
+        assistant = {"role": "assistant", "content": reply}
+        full = self._template.render(self.messages + [assistant], generation_prompt=False)
+        in_cache = prompt_text + reply
+        with contextlib.suppress(EngineError):
+            if full.startswith(in_cache):
+                tail_ids = self._tokenize(full[len(in_cache):])
+                if tail_ids:
+                    self._make_room(len(tail_ids) + 1)
+                    if self._rendered is not None:
+                        self._feed(tail_ids, write=not self.readonly)
+                        self._rendered = full
+            else:
+                self._rendered = None  # next turn re-renders with a token prefix match
+        self.messages.append(assistant)
+        self.history.append(assistant)
+        self._spans.append((len(self._kv) - start, 1))
+        self.turns += 1
+        self.save()
+
+    # -- commands --------------------------------------------------------------------------
+
+    def reset_memory(self) -> None:
+        """Forget everything: zero state, empty context and transcript, counters to 0 (and save)."""
+        self.session.reset()
+        self.messages.clear()
+        self._spans.clear()
+        self._kv.clear()
+        self._preamble = 0
+        self._rendered = ""
+        self.history.clear()
+        self.turns = 0
+        self._tokens_before = 0
+        self._created_us = statefile.now_us()
+        self.save()
+
+    def layer_norms(self) -> np.ndarray:
+        """Frobenius norm of each layer's δ-state (what /stats shows)."""
+        return np.linalg.norm(self.session.state().reshape(self.session.state().shape[0], -1), axis=1)
+
+    @property
+    def sampler_seed(self) -> int:
+        return self._sampler.seed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sampler.close()
+            self.session.close()
+        finally:
+            if self._file:
+                self._file.close()
+
+    def __enter__(self) -> Conversation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Utf8Stream:
+    """Token ids -> text pieces, never splitting a UTF-8 character."""
+
+    def __init__(self, engine: Engine) -> None:
+        import codecs
+
+        self._engine = engine
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._dec.decode(self._engine.token_bytes(token))
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
