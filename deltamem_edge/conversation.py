@@ -100,6 +100,27 @@ class _Template:
         fmt = self._gen if generation_prompt else self._plain
         return fmt(messages=messages).prompt
 
+    def default_system(self) -> str | None:
+        """The system prompt the template inserts by itself when none is given (SmolLM2 does).
+
+        Found by rendering a conversation with and without a marker system message.  We make it
+        an explicit system message so that it is written into memory once, not once per run, and
+        so that evicting old turns never cuts it.
+        """
+        marker = "\x00"
+        user = {"role": "user", "content": "a"}
+        try:
+            bare = self.render([user], generation_prompt=False)
+            marked = self.render([{"role": "system", "content": marker}, user], generation_prompt=False)
+        except Exception:  # templates that reject a system role
+            return None
+        if marker not in marked:
+            return None
+        before, after = marked.split(marker, 1)
+        if bare.startswith(before) and bare.endswith(after) and len(bare) > len(before) + len(after):
+            return bare[len(before):len(bare) - len(after)]
+        return None
+
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
@@ -164,6 +185,7 @@ class Conversation:
                 engine.adapter.path.name if engine.adapter else "")
             if memory is not None:
                 self._open_memory(Path(memory))
+            system = system if system is not None else self._template.default_system()
             if system:
                 self._start_with_system({"role": "system", "content": system})
             if recall_turns > 0:
@@ -244,36 +266,57 @@ class Conversation:
         self._preamble = len(self._kv)
         self._rendered = text
 
-    def _make_room(self, needed: int) -> None:
-        """Evict the oldest whole messages from the cache until `needed` more tokens fit."""
-        n_ctx = self.engine.n_ctx
-        if needed > n_ctx - self._preamble - 8:
-            raise EngineError(f"a single turn of {needed} tokens does not fit the context of {n_ctx}",
-                              hint="use a larger --ctx-size or a shorter message")
-        first = 1 if self.messages and self.messages[0]["role"] == "system" and self._preamble else 0
-        while self.session.n_past + needed > n_ctx and len(self._spans) > 0:
-            n, n_messages = self._spans.pop(0)
-            p0 = self._preamble
-            with deferred_interrupts():
-                if n:
-                    self.session.forget(p0, p0 + n)
-                del self._kv[p0:p0 + n]
-                del self.messages[first:first + n_messages]
-            self._rendered = None  # the template may render the shortened history differently
+    def _evict_oldest(self) -> bool:
+        """Drop the oldest evictable block of messages from the cache (the state keeps them)."""
+        if not self._spans:
+            return False
+        n, n_messages = self._spans.pop(0)
+        first = 1 if self._preamble else 0  # the system message stays
+        p0 = self._preamble
+        with deferred_interrupts():
+            if n:
+                self.session.forget(p0, p0 + n)
+            del self._kv[p0:p0 + n]
+            del self.messages[first:first + n_messages]
+        self._rendered = None  # the template may render the shortened history differently
+        return True
 
-    def _prompt_ids(self, messages: list[Message]) -> tuple[list[int], list[int]]:
-        """(read-only ids, written ids) that bring the cache to `messages` + generation prompt."""
+    def _unspanned(self) -> int:
+        """Cache tokens after the preamble that belong to no evictable block yet."""
+        return len(self._kv) - self._preamble - sum(n for n, _ in self._spans)
+
+    def _make_room(self, needed: int) -> None:
+        """Evict old messages until `needed` more tokens fit."""
+        while self.session.n_past + needed > self.engine.n_ctx:
+            if not self._evict_oldest():
+                raise EngineError(f"{needed} tokens do not fit the context of {self.engine.n_ctx}",
+                                  hint="use a larger --ctx-size")
+
+    def _prompt_ids(self, messages: list[Message], progress: Progress | None = None) -> list[int]:
+        """The ids to write so that the cache holds `messages` + the generation prompt.
+
+        Fast path: the template text already in the cache is a prefix of the new rendering,
+        so only the added text is tokenized (the sampled ids in the cache stay as they are).
+        Otherwise the history is re-rendered, the cache is cut where its tokens stop matching,
+        and the re-rendered old messages are fed back READ-ONLY here (they are in memory
+        already); only the new message is returned for writing.
+        """
         text = self._template.render(messages, generation_prompt=True)
         if self._rendered is not None and text.startswith(self._rendered):
-            return [], self._tokenize(text[len(self._rendered):])
-        # template not prefix-stable: re-render; the old part is fed read-only (never written twice)
+            return self._tokenize(text[len(self._rendered):])
         old_ids = self._tokenize(self._template.render(messages[:-1], generation_prompt=False))
         new_ids = self._tokenize(text)
         boundary = _common_prefix(old_ids, new_ids)
         keep = min(_common_prefix(self._kv, new_ids), boundary)
-        self.session.truncate(keep)
-        del self._kv[keep:]
-        return new_ids[keep:boundary], new_ids[boundary:]
+        with deferred_interrupts():
+            self.session.truncate(keep)
+            del self._kv[keep:]
+        self._feed(new_ids[keep:boundary], write=False, progress=progress)
+        first = 1 if self._preamble else 0
+        n_old = len(messages) - 1 - first
+        self._spans = [(boundary - self._preamble, n_old)] if n_old > 0 else []
+        self._rendered = self._template.render(messages[:-1], generation_prompt=False)
+        return new_ids[boundary:]
 
     def recall(self, n_turns: int, progress: Progress | None = None) -> int:
         """Replay the last `n_turns` user turns of the transcript into the context, writes off."""
@@ -288,7 +331,7 @@ class Conversation:
         self.session.truncate(keep)
         del self._kv[keep:]
         self._feed(ids[keep:], write=False, progress=progress)
-        self._spans.append((len(self._kv) - self._preamble - sum(n for n, _ in self._spans), len(recalled)))
+        self._spans.append((self._unspanned(), len(recalled)))
         self.messages = messages
         self._rendered = text
         return len(recalled)
@@ -305,29 +348,25 @@ class Conversation:
     def _turn(self, text: str, progress: Progress | None) -> Iterator[str]:
         eng = self.engine
         user = {"role": "user", "content": text}
-        messages = self.messages + [user]
-        readonly_ids, written_ids = self._prompt_ids(messages)
         reserve = min(self.max_new_tokens, eng.n_ctx // 2) + 16
-        self._make_room(len(readonly_ids) + len(written_ids) + reserve)
-        if self._rendered is None:  # eviction changed the history: compute the prompt again
-            readonly_ids, written_ids = self._prompt_ids(self.messages + [user])
-        self.stats = TurnStats(prompt_tokens=len(readonly_ids) + len(written_ids))
-        start = len(self._kv)
+        while True:
+            written_ids = self._prompt_ids(self.messages + [user], progress)
+            if self.session.n_past + len(written_ids) + reserve <= eng.n_ctx:
+                break
+            if not self._evict_oldest():
+                raise EngineError(f"this turn ({len(written_ids)} tokens) does not fit the context of {eng.n_ctx}",
+                                  hint="use a larger --ctx-size, a smaller --predict, or a shorter message")
+        self.stats = TurnStats(prompt_tokens=len(written_ids))
         t0 = time.perf_counter()
-        if readonly_ids:
-            self._feed(readonly_ids, write=False, progress=progress)
         logits = self._feed(written_ids, write=not self.readonly, progress=progress)
         self.stats.prefill_s = time.perf_counter() - t0
         self.messages.append(user)
         self.history.append(user)
-        self._spans.append((len(self._kv) - start, 1))
-        prompt_text = self._template.render(self.messages, generation_prompt=True)
-        self._rendered = prompt_text
+        self._rendered = self._template.render(self.messages, generation_prompt=True)
 
         generated: list[int] = []
         decoder = _Utf8Stream(eng)
         t1 = time.perf_counter()
-        start = len(self._kv)
         try:
             for _ in range(self.max_new_tokens):
                 token = self._sampler.sample(logits[-1])
@@ -351,27 +390,26 @@ class Conversation:
         finally:
             self.stats.decode_s = time.perf_counter() - t1
             self.stats.generated_tokens = len(generated)
-            self._finish_reply(prompt_text, generated, start)
+            self._finish_reply(generated)
 
-    def _finish_reply(self, prompt_text: str, generated: list[int], start: int) -> None:
-        """Close the assistant message in the cache (template tail, written) and save."""
+    def _finish_reply(self, generated: list[int]) -> None:
+        """Close the assistant message in the cache (the template's tail, written) and save."""
         reply = self.engine.detokenize(generated)
         assistant = {"role": "assistant", "content": reply}
+        in_cache = self._template.render(self.messages, generation_prompt=True) + reply
         full = self._template.render(self.messages + [assistant], generation_prompt=False)
-        in_cache = prompt_text + reply
-        with contextlib.suppress(EngineError):
-            if full.startswith(in_cache):
-                tail_ids = self._tokenize(full[len(in_cache):])
-                if tail_ids:
-                    self._make_room(len(tail_ids) + 1)
-                    if self._rendered is not None:
-                        self._feed(tail_ids, write=not self.readonly)
-                        self._rendered = full
-            else:
-                self._rendered = None  # next turn re-renders with a token prefix match
+        if self._rendered is not None and full.startswith(in_cache):
+            tail_ids = self._tokenize(full[len(in_cache):])
+            with contextlib.suppress(EngineError):
+                self._make_room(len(tail_ids) + 1)
+                self._feed(tail_ids, write=not self.readonly)
+                self._rendered = full
+        else:
+            self._rendered = None  # the next turn re-renders and matches tokens instead
         self.messages.append(assistant)
         self.history.append(assistant)
-        self._spans.append((len(self._kv) - start, 1))
+        # one evictable block per turn (user header .. reply tail): what the other blocks leave
+        self._spans.append((self._unspanned(), 2))
         self.turns += 1
         self.save()
 
