@@ -7,6 +7,7 @@ with a placeholder adapter) is used, and the first line says so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -61,10 +62,8 @@ def _setup_readline() -> None:
 
 
 def _save_history(readline, hist: Path) -> None:  # noqa: ANN001
-    try:
+    with contextlib.suppress(OSError):
         readline.write_history_file(hist)
-    except OSError:
-        pass
 
 
 def chat(

@@ -48,7 +48,7 @@ def model(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output GGUF file (or a folder).")],
     outtype: Annotated[str, typer.Option("--outtype", help=_MODEL_OUTTYPES_HELP)] = "f16",
 ) -> None:
-    """Convert a Hugging Face model to a llama.cpp GGUF with llama.cpp's own converter (needs the [convert] extra)."""
+    """Convert a Hugging Face model to a llama.cpp GGUF with llama.cpp's own converter (needs the 'convert' extra)."""
     from deltamem_edge.converter.model import convert_model
 
     path = convert_model(hf_dir, out, outtype, echo=sys.stderr)

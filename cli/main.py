@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from deltamem_edge.errors import DeltaMemError
@@ -73,13 +72,17 @@ def report(error: BaseException) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         return 130
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
-        e.show()
+    except typer.TyperException as e:  # usage errors: typer prints them with the usage line
+        show = getattr(e, "show", None)
+        if show:
+            show()
+        else:
+            print(f"error: {e.format_message()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

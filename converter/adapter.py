@@ -13,6 +13,13 @@ Two outputs:
 * ``bundle=True``: the base model GGUF copied unchanged (every key, every tensor,
   quantized ones as raw bytes) plus our keys and tensors, in one file.
 
+One fix-up depends on the base model: llama.cpp's ``convert_hf_to_gguf`` permutes
+the rows of the q and k projections of llama-family models (``llama``,
+``smollm3``) so that its adjacent-pair RoPE sees the pairs HF's ``rotate_half``
+rotates.  Upstream adds δ_q/δ_k to the HF-order q/k outputs, so the rows of the δ_q
+and δ_k heads get the same permutation here (``apply_base_layout``); qwen2/qwen3
+keep HF order and need nothing.
+
 ``build_adapter_tensors`` is the pure math (dicts in, dicts out) so that tests
 can check it without files; ``convert_adapter`` adds file handling, validation
 against the base model, and an atomic write.
@@ -37,6 +44,7 @@ import numpy as np
 
 from deltamem_edge import gguf_schema as S
 from deltamem_edge.errors import AdapterError, ConversionError, DeltaMemError
+from deltamem_edge.gguf_header import GGUFHeader, LongArray, read_gguf_header
 
 from .config import CONFIG_FILENAME, DeltaMemConfig, load_config
 from .safetensors_reader import read_safetensors
@@ -44,6 +52,9 @@ from .torch_zip import read_torch_zip
 
 WEIGHTS_FILENAME = "delta_mem_adapter.pt"
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "smollm3")
+# Archs whose q/k projection rows convert_hf_to_gguf permutes (LlamaModel.permute; SmolLM3Model inherits it).
+ROPE_PERMUTED_ARCHS = ("llama", "smollm3")
+ROPE_PERMUTED_NOTE = "δ_q/δ_k rows permuted like convert_hf_to_gguf's llama q/k"
 OUTTYPES = ("f32", "f16")
 DEFAULT_SOURCE = "deltamem-edge converter"
 
@@ -167,7 +178,7 @@ def _check_layers(layers: dict[int, dict[str, np.ndarray]], cfg: DeltaMemConfig,
             problems.append(f"layer {il}: unexpected {name} ({forbidden[name]} in the config)")
     if problems:
         raise ConversionError(
-            "adapter weights do not match delta_mem_config.json:\n  " + "\n  ".join(problems),
+            "adapter weights do not match delta_mem_config.json: " + "; ".join(problems),
             path=path,
             hint="the config and the weights must come from the same upstream run",
         )
@@ -210,7 +221,7 @@ def _check_layers(layers: dict[int, dict[str, np.ndarray]], cfg: DeltaMemConfig,
                 problems.append(f"layer {il}: {name} contains NaN or infinity")
     if problems:
         raise ConversionError(
-            "adapter tensors have inconsistent shapes or values:\n  " + "\n  ".join(problems),
+            "adapter tensors have inconsistent shapes or values: " + "; ".join(problems),
             path=path,
             hint=f"config says rank={cfg.rank}, num_state_heads={cfg.num_state_heads}, "
             f"rankwise_gates={str(cfg.rankwise_gates).lower()}; check that it belongs to these weights",
@@ -325,28 +336,20 @@ class BaseModelInfo:
     head_dim_v: int
 
 
-def _open_gguf(path: Path) -> gguf.GGUFReader:
-    try:
-        reader = gguf.GGUFReader(path)
-    except FileNotFoundError:
-        raise AdapterError("base model file not found", path=path) from None
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise AdapterError(f"cannot read as GGUF ({e})", path=path, hint="pass the base model's .gguf file") from None
-    if reader.endianess != gguf.GGUFEndian.LITTLE:
-        raise AdapterError("big-endian GGUF files are not supported", path=path)
-    return reader
+def _open_gguf(path: Path, *, full: bool = False) -> GGUFHeader:
+    """The base model's GGUF header (fast reader); ``full`` also decodes the long tokenizer arrays."""
+    if not path.exists():
+        raise AdapterError("base model file not found", path=path)
+    return read_gguf_header(path, max_array=None if full else 4096)
 
 
-def _field(reader: gguf.GGUFReader, key: str, path: Path, default: Any = None) -> Any:
-    f = reader.get_field(key)
-    if f is None:
+def _field(header: GGUFHeader, key: str, path: Path, default: Any = None) -> Any:
+    value = header.fields.get(key)
+    if value is None:
         if default is None:
             raise AdapterError(f"base model has no {key} key", path=path, hint="is this a llama.cpp model GGUF?")
         return default
-    try:
-        return f.contents()
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AdapterError(f"unreadable {key} ({e})", path=path) from None
+    return value
 
 
 def _per_layer(value: Any, n_layer: int, key: str, path: Path) -> tuple[int, ...]:
@@ -359,28 +362,28 @@ def _per_layer(value: Any, n_layer: int, key: str, path: Path) -> tuple[int, ...
     return (value,) * n_layer
 
 
-def base_model_info(reader: gguf.GGUFReader, path: Path) -> BaseModelInfo:
-    """Read the shape hyperparameters from a base GGUF reader (metadata only)."""
-    general_type = _field(reader, S.KEY_GENERAL_TYPE, path, default="model")
+def base_model_info(header: GGUFHeader, path: Path) -> BaseModelInfo:
+    """Read the shape hyperparameters from a base GGUF header (``read_gguf_header``)."""
+    general_type = _field(header, S.KEY_GENERAL_TYPE, path, default="model")
     if general_type == S.GENERAL_TYPE_ADAPTER:
         raise AdapterError("this GGUF is an adapter, not a base model", path=path, hint="pass the base model file")
-    arch = _field(reader, S.KEY_GENERAL_ARCHITECTURE, path)
+    arch = _field(header, S.KEY_GENERAL_ARCHITECTURE, path)
     if arch not in SUPPORTED_ARCHS:
         raise AdapterError(
             f"architecture {arch!r} is not supported by δ-mem",
             path=path,
             hint=f"supported: {', '.join(SUPPORTED_ARCHS)}",
         )
-    n_layer = _field(reader, f"{arch}.block_count", path)
-    n_embd = _field(reader, f"{arch}.embedding_length", path)
+    n_layer = _field(header, f"{arch}.block_count", path)
+    n_embd = _field(header, f"{arch}.embedding_length", path)
     if not isinstance(n_layer, int) or not isinstance(n_embd, int) or n_layer <= 0 or n_embd <= 0:
         raise AdapterError(f"invalid block_count {n_layer!r:.20} or embedding_length {n_embd!r:.20}", path=path)
-    n_head = _per_layer(_field(reader, f"{arch}.attention.head_count", path), n_layer, "head_count", path)
-    kv = _field(reader, f"{arch}.attention.head_count_kv", path, default=list(n_head))
+    n_head = _per_layer(_field(header, f"{arch}.attention.head_count", path), n_layer, "head_count", path)
+    kv = _field(header, f"{arch}.attention.head_count_kv", path, default=list(n_head))
     n_head_kv = _per_layer(kv, n_layer, "head_count_kv", path)
     default_dim = n_embd // n_head[0] if n_head[0] else 0
-    head_dim_k = _field(reader, f"{arch}.attention.key_length", path, default=default_dim)
-    head_dim_v = _field(reader, f"{arch}.attention.value_length", path, default=default_dim)
+    head_dim_k = _field(header, f"{arch}.attention.key_length", path, default=default_dim)
+    head_dim_v = _field(header, f"{arch}.attention.value_length", path, default=default_dim)
     return BaseModelInfo(path, arch, n_layer, n_embd, n_head, n_head_kv, int(head_dim_k), int(head_dim_v))
 
 
@@ -434,6 +437,43 @@ def check_against_base(metadata: dict[str, Any], tensors: dict[str, np.ndarray],
     for (msg, n, what), ils in mismatches.items():
         problems.append(f"{_fmt_layers(ils)}: {msg} needs {n} ({what})")
     return problems
+
+
+def rope_row_permutation(n_head: int, head_dim: int) -> np.ndarray:
+    """``perm`` with ``gguf_rows = hf_rows[perm]`` for a q or k projection of ``n_head`` heads.
+
+    The same map as ``LlamaModel.permute`` in llama.cpp's converter: within each head,
+    HF row ``s*head_dim/2 + j`` (half ``s`` of the rotate_half layout) moves to row
+    ``2*j + s`` (the adjacent pairs of llama.cpp's NORM RoPE).
+    """
+    if head_dim % 2:
+        raise AdapterError(f"head_dim {head_dim} is odd; llama-family RoPE needs an even head size")
+    return np.arange(n_head * head_dim).reshape(n_head, 2, head_dim // 2).swapaxes(1, 2).reshape(-1)
+
+
+def apply_base_layout(tensors: dict[str, np.ndarray], base: BaseModelInfo) -> bool:
+    """Reorder the δ_q/δ_k rows in place for a llama-family base (see the module docstring).
+
+    Returns True when something was permuted.  The shapes must already fit
+    ``base`` (``check_against_base``): q has ``n_head`` heads, k ``n_head_kv``
+    heads, each ``head_dim_k`` rows, per layer.
+    """
+    if base.arch not in ROPE_PERMUTED_ARCHS:
+        return False
+    done = False
+    for il in range(base.n_layer):
+        for head, n_head in (("q", base.n_head[il]), ("k", base.n_head_kv[il])):
+            name = S.TENSOR_DELTA[head].format(bid=il)
+            w = tensors.get(name)
+            if w is None:
+                continue
+            if w.shape[0] != n_head * base.head_dim_k:
+                raise AdapterError(
+                    f"{name} has {w.shape[0]} rows, expected {n_head}*{base.head_dim_k}", path=base.path
+                )
+            tensors[name] = np.ascontiguousarray(w[rope_row_permutation(n_head, base.head_dim_k)])
+            done = True
+    return done
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,11 +538,10 @@ def _add_metadata(writer: gguf.GGUFWriter, metadata: dict[str, Any]) -> None:
             writer.add_key_value(key, value, vtype)
 
 
-def _copy_base_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, base: Path) -> None:
-    """Copy every key of the base (except GGUF.* bookkeeping and the architecture the writer adds itself)."""
-    for field in reader.fields.values():
-        name = field.name
-        if name.startswith("GGUF.") or name == S.KEY_GENERAL_ARCHITECTURE:
+def _copy_base_fields(header: GGUFHeader, writer: gguf.GGUFWriter, base: Path) -> None:
+    """Copy every key of the base (except the architecture, which the writer adds itself)."""
+    for name, value in header.fields.items():
+        if name == S.KEY_GENERAL_ARCHITECTURE:
             continue
         if name.startswith("adapter."):
             raise ConversionError(
@@ -510,20 +549,17 @@ def _copy_base_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, base: Pa
                 path=base,
                 hint="pass the plain base model",
             )
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        if vtype == gguf.GGUFValueType.ARRAY and len(field.types) != 2:
-            raise ConversionError(f"cannot copy nested array key {name}", path=base)
-        try:
-            value = field.contents()
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ConversionError(f"cannot read key {name} ({e})", path=base) from None
+        types = header.types[name]
+        vtype = gguf.GGUFValueType(types[0])
+        sub_type = gguf.GGUFValueType(types[1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        if isinstance(value, LongArray):  # not decoded: _open_gguf(full=True) prevents this
+            raise ConversionError(f"key {name} was not read in full", path=base)
         if vtype == gguf.GGUFValueType.ARRAY and len(value) == 0:
             warnings.warn(f"{base}: key {name} is an empty array, which gguf-py cannot write; left out", stacklevel=3)
             continue
         writer.add_key_value(name, value, vtype, sub_type=sub_type)
-    if reader.get_field("general.alignment") is not None:
-        writer.data_alignment = int(reader.alignment)
+    if "general.alignment" in header.fields:
+        writer.data_alignment = header.alignment
 
 
 def _write_gguf(
@@ -533,21 +569,24 @@ def _write_gguf(
     tensors: dict[str, np.ndarray],
     *,
     name: str,
-    base_reader: gguf.GGUFReader | None,
+    base_header: GGUFHeader | None,
     base_path: Path,
 ) -> None:
     writer = gguf.GGUFWriter(tmp, arch)
     try:
-        if base_reader is None:
+        base_data = []
+        if base_header is None:
             writer.add_key_value(S.KEY_GENERAL_TYPE, S.GENERAL_TYPE_ADAPTER, _STR)
             if name:
                 writer.add_key_value(S.KEY_GENERAL_NAME, name, _STR)
         else:
-            _copy_base_fields(base_reader, writer, base_path)
-            for t in base_reader.tensors:
+            _copy_base_fields(base_header, writer, base_path)
+            for t in base_header.tensors:
                 if S.TENSOR_MARKER in t.name:
                     raise ConversionError(f"base model already has δ-mem tensor {t.name}", path=base_path)
-                writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+                raw = base_header.tensor_bytes(t)  # bytes as stored: quantized tensors are copied unchanged
+                writer.add_tensor_info(t.name, raw.shape, raw.dtype, t.n_bytes, gguf.GGMLQuantizationType(t.ggml_type))
+                base_data.append(raw)
         writer.add_key_value(S.KEY_ADAPTER_TYPE, S.ADAPTER_TYPE, _STR)
         _add_metadata(writer, metadata)
         for tname, arr in tensors.items():
@@ -555,9 +594,8 @@ def _write_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        if base_reader is not None:
-            for t in base_reader.tensors:
-                writer.write_tensor_data(t.data, tensor_endianess=base_reader.endianess)
+        for raw in base_data:
+            writer.write_tensor_data(raw)
         for arr in tensors.values():
             writer.write_tensor_data(arr)
     finally:
@@ -593,12 +631,12 @@ def convert_adapter(
         raise ConversionError(f"unknown outtype {outtype!r}", hint=f"use one of {', '.join(OUTTYPES)}")
     weights_path, config_path = resolve_inputs(src, config)
     cfg = load_config(config_path)
-    reader = _open_gguf(base)
-    info = base_model_info(reader, base)
+    header = _open_gguf(base, full=bundle)
+    info = base_model_info(header, base)
     out = Path(out) if out is not None else default_output_path(base, bundle=bundle)
     if out.is_dir():
         out = out / default_output_path(base, bundle=bundle).name
-    if bundle and int(_field(reader, "split.count", base, default=1)) > 1:
+    if bundle and int(_field(header, "split.count", base, default=1)) > 1:
         raise ConversionError(
             "the base model is split into several files; a bundle needs a single file",
             path=base,
@@ -614,10 +652,12 @@ def convert_adapter(
     problems = check_against_base(metadata, tensors, info)
     if problems:
         raise AdapterError(
-            f"adapter does not fit base model {base}:\n  " + "\n  ".join(problems),
+            f"adapter does not fit base model {base}: " + "; ".join(problems),
             path=weights_path,
             hint="convert against the base model the adapter was trained on",
         )
+    if apply_base_layout(tensors, info):
+        metadata[S.KEY_SOURCE] += f"; {ROPE_PERMUTED_NOTE}"
     typed = {name: _to_outtype(name, arr, outtype, weights_path) for name, arr in tensors.items()}
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -631,7 +671,7 @@ def convert_adapter(
             metadata,
             typed,
             name=adapter_dir.name,
-            base_reader=reader if bundle else None,
+            base_header=header if bundle else None,
             base_path=base,
         )
         _replace_atomically(tmp, out)

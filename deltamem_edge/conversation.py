@@ -318,6 +318,22 @@ class Conversation:
         self._rendered = self._template.render(messages[:-1], generation_prompt=False)
         return new_ids[boundary:]
 
+    def _feed_prompt(self, ids: list[int], progress: Progress | None) -> np.ndarray | None:
+        """Feed a new message; if interrupted (Ctrl-C) undo it completely: cache, state and counter."""
+        kv_len, written = len(self._kv), self.session.tokens_written
+        snapshot = self.session.state() if self.engine.adapter is not None else None
+        try:
+            return self._feed(ids, write=not self.readonly, progress=progress)
+        except KeyboardInterrupt:
+            with deferred_interrupts():
+                self.session.truncate(kv_len)
+                del self._kv[kv_len:]
+                if snapshot is not None:
+                    self.session.set_state(snapshot)
+                self.session.tokens_written = written
+            self.stats.interrupted = True
+            raise
+
     def recall(self, n_turns: int, progress: Progress | None = None) -> int:
         """Replay the last `n_turns` user turns of the transcript into the context, writes off."""
         recalled = statefile.trim_transcript(self.history, n_turns) if n_turns > 0 else []
@@ -358,7 +374,7 @@ class Conversation:
                                   hint="use a larger --ctx-size, a smaller --predict, or a shorter message")
         self.stats = TurnStats(prompt_tokens=len(written_ids))
         t0 = time.perf_counter()
-        logits = self._feed(written_ids, write=not self.readonly, progress=progress)
+        logits = self._feed_prompt(written_ids, progress)
         self.stats.prefill_s = time.perf_counter() - t0
         self.messages.append(user)
         self.history.append(user)

@@ -56,5 +56,9 @@ class UnsafeInputError(ConversionError):
     """An input file asked for something we refuse to do (e.g. a pickle global)."""
 
 
+class GGUFFormatError(ConversionError, AdapterError, ModelLoadError):
+    """A GGUF file is truncated, malformed or not a GGUF at all."""
+
+
 class EngineError(DeltaMemError):
     """A decode or state operation failed inside the engine."""

@@ -11,38 +11,31 @@ fingerprint, while the same adapter standalone or bundled gets the same one.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
-
-import gguf
-import numpy as np
 
 from . import gguf_schema as S
 from .errors import AdapterError
+from .gguf_header import read_gguf_header
 
-
-def _field_value(field: gguf.ReaderField) -> bytes:
-    parts = [np.asarray(field.parts[i]).tobytes() for i in field.data]
-    return b"|".join(parts) + str([int(t) for t in field.types]).encode()
+_PREFIX = S.KEY_VERSION.rsplit(".", 1)[0] + "."  # "adapter.deltamem."
 
 
 def adapter_fingerprint(path: str | Path) -> bytes:
     """sha256 over the δ-mem metadata and tensors of an adapter or bundle GGUF."""
     path = Path(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # gguf raises ValueError/struct errors on malformed files
-        raise AdapterError(f"cannot read GGUF: {e}", path=path) from e
+    header = read_gguf_header(path)
     h = hashlib.sha256()
-    prefix = S.KEY_VERSION.rsplit(".", 1)[0] + "."
-    for name in sorted(k for k in reader.fields if k.startswith(prefix) and k != S.KEY_SOURCE):
-        h.update(name.encode() + b"=" + _field_value(reader.fields[name]) + b"\n")
+    for key in sorted(k for k in header.fields if k.startswith(_PREFIX) and k != S.KEY_SOURCE):
+        value = json.dumps(header.fields[key], sort_keys=True, default=str)
+        h.update(f"{key}={header.types[key]}:{value}\n".encode())
     n = 0
-    for t in sorted(reader.tensors, key=lambda t: t.name):
+    for t in sorted(header.tensors, key=lambda t: t.name):
         if S.TENSOR_MARKER not in t.name:
             continue
         n += 1
-        h.update(f"{t.name}:{int(t.tensor_type)}:{list(map(int, t.shape))}\n".encode())
-        h.update(np.ascontiguousarray(t.data).tobytes())
+        h.update(f"{t.name}:{t.ggml_type}:{list(t.shape)}\n".encode())
+        h.update(header.tensor_bytes(t).tobytes())
     if n == 0:
         raise AdapterError("no δ-mem tensors in this file", path=path)
     return h.digest()

@@ -51,11 +51,9 @@ def _rel(a: np.ndarray, ref: np.ndarray) -> float:
 
 
 def _is_quantized(model_path: Path) -> bool:
-    import gguf
+    from .gguf_header import read_gguf_header
 
-    reader = gguf.GGUFReader(model_path)
-    float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
-    return any(t.tensor_type not in float_types for t in reader.tensors)
+    return any(t.type_name not in ("F32", "F16", "BF16") for t in read_gguf_header(model_path).tensors)
 
 
 def verify(model: Path, adapter: Path | None = None, *, n_tokens: int = 256, n_threads: int | None = None,

@@ -82,33 +82,33 @@ def test_recall_replays_without_writing(smol, tmp_path):
 
 def test_context_overflow_keeps_going_and_writes_everything(smol, tmp_path):
     written: list[int] = []
-    with Engine(smol["model"], smol["adapter"], n_ctx=256, n_threads=2) as eng:
-        with Conversation(eng, tmp_path / "long.state", sampling=GREEDY, max_new_tokens=40) as conv:
-            feed = conv.session.feed
-            before = conv.tokens_written  # the system prompt, written at start
+    with Engine(smol["model"], smol["adapter"], n_ctx=256, n_threads=2) as eng, \
+            Conversation(eng, tmp_path / "long.state", sampling=GREEDY, max_new_tokens=40) as conv:
+        feed = conv.session.feed
+        before = conv.tokens_written  # the system prompt, written at start
 
-            def counting_feed(ids, write=True, **kw):  # an independent tally of written tokens
-                if write:
-                    written.append(len(ids))
-                return feed(ids, write=write, **kw)
+        def counting_feed(ids, write=True, **kw):  # an independent tally of written tokens
+            if write:
+                written.append(len(ids))
+            return feed(ids, write=write, **kw)
 
-            conv.session.feed = counting_feed
-            for i in range(8):
-                conv.say(f"Turn {i}: tell me something about the number {i * 7}.")
-                assert conv.session.n_past <= 256
-                assert kv_positions(conv) == conv.session.n_past
-            assert conv.tokens_written == before + sum(written)
-            assert sum(written) > 256  # more than fits: older turns left the cache
-            assert np.isfinite(conv.session.state()).all()
+        conv.session.feed = counting_feed
+        for i in range(8):
+            conv.say(f"Turn {i}: tell me something about the number {i * 7}.")
+            assert conv.session.n_past <= 256
+            assert kv_positions(conv) == conv.session.n_past
+        assert conv.tokens_written == before + sum(written)
+        assert sum(written) > 256  # more than fits: older turns left the cache
+        assert np.isfinite(conv.session.state()).all()
 
 
 def test_foreign_or_busy_memory_is_refused_and_left_intact(smol, tmp_path):
     path = tmp_path / "me.state"
-    with Engine(smol["model"], smol["adapter"], n_ctx=512, n_threads=2, n_seq_max=2) as eng:
-        with Conversation(eng, path, sampling=GREEDY, max_new_tokens=8) as conv:
-            conv.say("hi")
-            with pytest.raises(StateLockedError, match="in use by pid"):
-                Conversation(eng, path)  # a second writer on the same file
+    with Engine(smol["model"], smol["adapter"], n_ctx=512, n_threads=2, n_seq_max=2) as eng, \
+            Conversation(eng, path, sampling=GREEDY, max_new_tokens=8) as conv:
+        conv.say("hi")
+        with pytest.raises(StateLockedError, match="in use by pid"):
+            Conversation(eng, path)  # a second writer on the same file
     original = path.read_bytes()
     with Engine(smol["model"], smol["other"], n_ctx=512, n_threads=2) as eng2:
         with pytest.raises(StateMismatchError) as info:
@@ -119,15 +119,15 @@ def test_foreign_or_busy_memory_is_refused_and_left_intact(smol, tmp_path):
 
 def test_interrupted_reply_keeps_the_state_consistent(smol, tmp_path):
     path = tmp_path / "me.state"
-    with Engine(smol["model"], smol["adapter"], n_ctx=512, n_threads=2) as eng:
-        with Conversation(eng, path, sampling=GREEDY, max_new_tokens=64) as conv:
-            pieces = conv.say("Count from one to twenty.", stream=True)
-            for i, _ in enumerate(pieces):
-                if i == 3:
-                    pieces.close()  # what Ctrl-C does in the CLI
-                    break
-            assert conv.stats.interrupted
-            assert conv.messages[-1]["role"] == "assistant"
-            assert conv.tokens_written == kv_positions(conv)
-            np.testing.assert_array_equal(read_state_file(path).state, conv.session.state())
-            conv.say("Thanks.")  # and the conversation goes on
+    with Engine(smol["model"], smol["adapter"], n_ctx=512, n_threads=2) as eng, \
+            Conversation(eng, path, sampling=GREEDY, max_new_tokens=64) as conv:
+        pieces = conv.say("Count from one to twenty.", stream=True)
+        for i, _ in enumerate(pieces):
+            if i == 3:
+                pieces.close()  # what Ctrl-C does in the CLI
+                break
+        assert conv.stats.interrupted
+        assert conv.messages[-1]["role"] == "assistant"
+        assert conv.tokens_written == kv_positions(conv)
+        np.testing.assert_array_equal(read_state_file(path).state, conv.session.state())
+        conv.say("Thanks.")  # and the conversation goes on
