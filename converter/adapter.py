@@ -27,14 +27,11 @@ against the base model, and an atomic write.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
-import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -683,30 +680,3 @@ def convert_adapter(
             raise ConversionError(f"writing failed ({e})", path=out) from e
         raise
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m deltamem_edge.converter.adapter SRC BASE [-o OUT] [--outtype f16] [--bundle]``."""
-    ap = argparse.ArgumentParser(description="Convert an upstream δ-mem adapter to GGUF.")
-    ap.add_argument("src", type=Path, help="upstream adapter directory, or its .pt / .safetensors file")
-    ap.add_argument("base", type=Path, help="base model GGUF the adapter is for")
-    ap.add_argument("-o", "--out", type=Path, default=None)
-    ap.add_argument("--outtype", choices=OUTTYPES, default="f32")
-    ap.add_argument("--bundle", action="store_true", help="write base model + adapter as one GGUF")
-    ap.add_argument("--config", type=Path, default=None, help="delta_mem_config.json (default: next to the weights)")
-    args = ap.parse_args(argv)
-    try:
-        path = convert_adapter(
-            args.src, args.base, args.out, outtype=args.outtype, bundle=args.bundle, config=args.config
-        )
-    except DeltaMemError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -394,27 +394,3 @@ def convert_model(
             raise ConversionError(f"writing failed ({e})", path=out) from e
         raise
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m deltamem_edge.converter.model HF_DIR OUT.gguf [--outtype f16]``."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Convert a Hugging Face model directory to a llama.cpp GGUF.")
-    ap.add_argument("hf_dir", type=Path)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--outtype", choices=OUTTYPES, default="f16")
-    args = ap.parse_args(argv)
-    try:
-        path = convert_model(args.hf_dir, args.out, args.outtype)
-    except DeltaMemError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
