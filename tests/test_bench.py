@@ -1,8 +1,9 @@
 """The benchmark's behaviour (never its timings): workers, variants, ratios, rendering.
 
 The worker tests run a tiny synthetic Qwen3 (2 layers, width 256, Q4_K_M) through
-every variant.  Variant (a) needs the stock library, which `deltamem-edge bench`
-builds on first use; when it is not built the tests that need it are skipped.
+every variant.  Variant (a) needs the stock library; `make test` builds it next to
+the patched one (`python -m deltamem_edge.native.build build --stock`), and the
+tests fail with that hint when it is missing.
 """
 
 from __future__ import annotations
@@ -21,27 +22,22 @@ from deltamem_edge.native import build as native
 TINY = BM.Shape(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512, n_vocab=512)
 
 
-def _lib(patched: bool) -> Path | None:
-    try:
-        d = native.installed_library_dir() if patched else native.library_dir(
-            native.BuildConfig(native.default_backend(), patched=False))
-    except Exception:  # noqa: BLE001 - not built
-        return None
-    return d if any(d.glob("libllama.*")) else None
-
-
-PATCHED = _lib(True)
-STOCK = _lib(False)
-needs_patched = pytest.mark.skipif(PATCHED is None, reason="patched library not built (deltamem-edge build)")
-needs_stock = pytest.mark.skipif(STOCK is None, reason="stock library not built (deltamem-edge bench builds it)")
+def _lib(patched: bool) -> Path:
+    d = native.installed_library_dir() if patched else native.library_dir(
+        native.BuildConfig(native.default_backend(), patched=False))
+    assert any(d.glob("libllama.*")), f"{d}: not built; run `python -m deltamem_edge.native.build build --stock`"
+    return d
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> BM.BenchModel:
-    if PATCHED is None:
-        pytest.skip("patched library not built")
+def libs() -> dict[str, Path]:
+    return {"patched": _lib(True), "stock": _lib(False)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, libs: dict[str, Path]) -> BM.BenchModel:
     cache = tmp_path_factory.mktemp("benchcache")
-    return BM.synthetic_model("tiny", TINY, STOCK or PATCHED, threads=2, cache=cache)
+    return BM.synthetic_model("tiny", TINY, libs["stock"], threads=2, cache=cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +160,7 @@ def test_synthetic_model_files(tiny):
     assert not list(tiny.path.parent.glob("*.f16*")), "the f16 intermediate must be deleted"
     d = BM.base_dims(tiny.path)
     assert (d["n_layer"], d["n_embd"], d["n_head"], d["n_head_kv"], d["head_dim"], d["n_ff"]) == (2, 256, 4, 2, 64, 512)
-    again = BM.synthetic_model("tiny", TINY, STOCK or PATCHED, cache=tiny.path.parent)  # cached: same files
+    again = BM.synthetic_model("tiny", TINY, _lib(False), cache=tiny.path.parent)  # cached: same files
     assert again.path == tiny.path and again.path.stat().st_mtime == tiny.path.stat().st_mtime
 
 
@@ -172,9 +168,8 @@ def _worker(tmp_path: Path, lib: Path, name: str) -> B.WorkerProc:
     return B.WorkerProc(name, lib, tmp_path / f"{name}.log")
 
 
-@needs_patched
-def test_patched_worker_with_adapter_returns_wellformed_numbers(tiny, tmp_path):
-    w = _worker(tmp_path, PATCHED, "cd")
+def test_patched_worker_with_adapter_returns_wellformed_numbers(tiny, libs, tmp_path):
+    w = _worker(tmp_path, libs["patched"], "cd")
     try:
         info = w.call("load", model=str(tiny.path), adapter=str(tiny.adapter), threads=1, n_ctx=512, n_batch=64)
         assert info["dmem_symbols"] and info["adapter"] == {"rank": 8, "layers": 2, "state_heads": 1,
@@ -202,18 +197,17 @@ def test_patched_worker_with_adapter_returns_wellformed_numbers(tiny, tmp_path):
     assert w.proc.returncode == 0
 
 
-@needs_stock
-def test_stock_worker_has_no_dmem_symbols(tiny, tmp_path):
-    w = _worker(tmp_path, STOCK, "a")
+def test_stock_worker_has_no_dmem_symbols(tiny, libs, tmp_path):
+    w = _worker(tmp_path, libs["stock"], "a")
     try:
         info = w.call("load", model=str(tiny.path), adapter=None, threads=1, n_ctx=256, n_batch=64)
         assert info["dmem_symbols"] is False
-        assert info["lib"] and Path(info["lib"]).resolve().parent == STOCK.resolve()
+        assert info["lib"] and Path(info["lib"]).resolve().parent == libs["stock"].resolve()
         assert not any(m in info["python_modules_ours"] for m in ("deltamem_edge._bindings", "deltamem_edge.engine"))
         d = w.call("decode", prompt=16, n=4, seed=1, write=True)
         assert d["decode_wall_s"] > 0
         with pytest.raises(Exception, match="no δ-mem API"):
-            w2 = _worker(tmp_path, STOCK, "a2")
+            w2 = _worker(tmp_path, libs["stock"], "a2")
             try:
                 w2.call("load", model=str(tiny.path), adapter=str(tiny.adapter), threads=1, n_ctx=256, n_batch=64)
             finally:
@@ -222,11 +216,10 @@ def test_stock_worker_has_no_dmem_symbols(tiny, tmp_path):
         w.close()
 
 
-@needs_stock
-def test_run_end_to_end_tiny(tiny, tmp_path):
+def test_run_end_to_end_tiny(tiny, libs, tmp_path):
     plan = B.Plan(models=["tiny"], reps=2, threads=1, prompt=8, decode=4, prefill=64, chunk=32,
                   seq_lengths=(32, 64, 300), statecost_reps=3, callgrind=False, profile="test")
-    res = B.run(plan, out_dir=tmp_path, command="test", stock_lib=STOCK, patched_lib=PATCHED, models={"tiny": tiny})
+    res = B.run(plan, out_dir=tmp_path, command="test", stock_lib=libs["stock"], patched_lib=libs["patched"], models={"tiny": tiny})
     mr = res["models"]["tiny"]
     assert mr["rounds_done"] == 2 and set(mr["rounds"][0]) == {"a", "b", "b2", "c", "d"}
     for key in ("c/b", "d/b", "b/a", "b2/b"):

@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deltamem_edge.native.build", description=__doc__.split("\n")[0])
     parser.add_argument("step", choices=["fetch", "bindings", "build", "path"], nargs="?", default="build")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache has this build")
+    parser.add_argument("--stock", action="store_true", help="also build stock llama.cpp (the benchmark baseline)")
     args = parser.parse_args(argv)
     try:
         if args.step == "fetch":
@@ -352,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             install_bindings()
         elif args.step == "build":
             print(build(force=args.force))
+            if args.stock:
+                print(build(BuildConfig(default_backend(), patched=False), force=args.force))
         else:
             print(library_dir())
     except NativeLibraryError as e:

@@ -285,9 +285,9 @@ void llama_dmem_build_qkv(const llm_graph_context & g, ggml_tensor * cur,
     }
 
     // per-row keep/erase/write -> GDN (g = log keep, β' = erase/keep, v' = write·v·keep/erase)
-    ggml_tensor * gate; // [1, R, T, B]
-    ggml_tensor * beta; // [1, R, T, B]
-    ggml_tensor * vin;  // [1, R, T, B]
+    ggml_tensor * gate = nullptr; // [1, R, T, B]
+    ggml_tensor * beta = nullptr; // [1, R, T, B]
+    ggml_tensor * vin  = nullptr; // [1, R, T, B]
     if (!dc->write) {
         // read-only: no decay, no erase, nothing written; the state stays bit-identical
         ggml_tensor * zero = ggml_scale(ctx, zb, 0.0f);
@@ -842,6 +842,72 @@ void expand_row(const llama_dmem_adapter & A, const float * compact, float * pad
     }
 }
 
+// Refuse at attach what a backend would abort on in the middle of a decode, and say which δ-mem
+// nodes a device cannot run (the scheduler then runs them on the CPU: correct, but a copy to the
+// host and back per δ-mem layer).  Checks the adapter's real shapes (T = 2 incl. the no-op step, B = 1).
+void check_backends(const llama_dmem_adapter & A, const llama_model & model, uint32_t n_ubatch) {
+    // CUDA/HIP/MUSA/Vulkan run GATED_DELTA_NET only for head sizes 16/32/64/128 (CUDA's supports_op
+    // says yes to any size and then aborts inside the kernel): P is fixed at 32, so this always holds
+    static_assert(DMEM_P == 16 || DMEM_P == 32 || DMEM_P == 64 || DMEM_P == 128, "GPU GDN head sizes");
+    const int64_t P = DMEM_P, r = A.rank, H = A.heads, R = A.rows();
+    ggml_init_params ip = { /*.mem_size =*/ 64 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
+    ggml_context_ptr ctx_ptr(ggml_init(ip));
+    ggml_context * ctx = ctx_ptr.get();
+    // the scan sub-graph of llama_dmem_build_qkv, with the adapter's shapes
+    ggml_tensor * q  = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, r, H, 1, 1);
+    ggml_tensor * zb = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, R, 1, 1);
+    ggml_tensor * qn = ggml_l2_norm(ctx, ggml_tanh(ctx, q), A.norm_eps);
+    ggml_tensor * zc = ggml_clamp(ctx, zb, -A.gate_clamp, A.gate_clamp);
+    ggml_tensor * g  = ggml_neg(ctx, ggml_softplus(ctx, zc));
+    ggml_tensor * bt = ggml_exp(ctx, zc);
+    ggml_tensor * vi = ggml_mul(ctx, zb, ggml_exp(ctx, g));
+    ggml_tensor * sg = ggml_sigmoid(ctx, zc);
+    ggml_tensor * qp = ggml_pad_ext(ctx, qn, 0, P - r, 0, 0, 0, 1, 0, 0);
+    ggml_tensor * kp = ggml_pad_ext(ctx, qn, 0, P - r, 0, 0, 1, 0, 0, 0);
+    ggml_tensor * vp = ggml_pad_ext(ctx, vi, 0, P - 1, 0, 0, 1, 0, 0, 0);
+    ggml_tensor * gp = ggml_pad_ext(ctx, g,  0, 0,     0, 0, 1, 0, 0, 0);
+    ggml_tensor * bp = ggml_pad_ext(ctx, bt, 0, 0,     0, 0, 1, 0, 0, 0);
+    ggml_tensor * st = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, P * P * R, 4);
+    ggml_tensor * ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
+    ggml_tensor * s0 = ggml_reshape_4d(ctx, ggml_get_rows(ctx, st, ids), P, P, R, 1);
+    ggml_tensor * out = ggml_gated_delta_net(ctx, qp, kp, vp, gp, bp, s0, 1);
+    ggml_tensor * s1 = ggml_view_2d(ctx, out, P * P * R, 1, P * P * R * sizeof(float), P * R * 2 * sizeof(float));
+    std::vector<ggml_tensor *> nodes = { qn->src[0], qn, zc, g->src[0], g, bt, vi, sg, qp, vp, gp, bp, s0->src[0], out,
+                                         ggml_set_rows(ctx, st, s1, ids) };
+    // the projections, with the adapter's weight types (F32/F16/BF16)
+    const llama_dmem_layer & L0 = A.layers.front();
+    ggml_tensor * x     = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, L0.w_in->ne[0], 1);
+    ggml_tensor * reads = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, R, 1);
+    nodes.push_back(ggml_mul_mat(ctx, L0.w_in, x));
+    for (ggml_tensor * w : { L0.w_dq, L0.w_dk, L0.w_dv, L0.w_do }) {
+        if (w) {
+            nodes.push_back(ggml_mul_mat(ctx, w, reads));
+        }
+    }
+    std::set<ggml_backend_dev_t> seen;
+    for (const auto & L : A.layers) {
+        ggml_backend_dev_t dev = model.dev_layer(L.il);
+        if (!seen.insert(dev).second || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+            continue;
+        }
+        std::string missing;
+        for (ggml_tensor * n : nodes) {
+            if (!ggml_backend_dev_supports_op(dev, n)) {
+                missing += std::string(missing.empty() ? "" : ", ") + ggml_op_desc(n);
+            }
+        }
+        if (!missing.empty()) {
+            LLAMA_LOG_WARN("deltamem: %s cannot run %s for this adapter (rank %lld, %lld state heads); "
+                           "those δ-mem nodes run on the CPU\n", ggml_backend_dev_name(dev), missing.c_str(),
+                           (long long) r, (long long) H);
+        }
+        // ggml-metal's scan loops over tokens with a 16-bit counter: n_ubatch + 1 must fit
+        if (strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "MTL") == 0 && n_ubatch >= 32767) {
+            raise("n_ubatch %u is too large for the Metal δ-mem scan (at most 32766)", n_ubatch);
+        }
+    }
+}
+
 llama_dmem_context * checked_ctx(const llama_context * ctx, llama_seq_id seq, bool any_seq_ok) {
     llama_dmem_context * dc = find_ctx(ctx);
     if (dc == nullptr) {
@@ -947,6 +1013,7 @@ int32_t llama_dmem_attach(struct llama_context * ctx, struct llama_dmem_adapter 
     dc->gen     = g_gen.fetch_add(1);
     dc->n_seq   = std::max<uint32_t>(1, ctx->get_cparams().n_seq_max);
     try {
+        check_backends(*adapter, model, ctx->get_cparams().n_ubatch);
         alloc_store(*dc, model);
     } catch (const std::exception & e) {
         return fail(e.what());
