@@ -15,6 +15,8 @@ def bench(
         "--model", "-m", help="Model(s) to run: smollm2, qwen3-0.6b, qwen3-4b (repeatable; overrides the profile).")] = None,
     reps: int = typer.Option(None, "--reps", "-n", min=1, help="Rounds (interleaved A B … / … B A); default 5."),
     threads: int = typer.Option(2, "--threads", "-t", min=1, help="CPU threads for every variant."),
+    gpu_layers: int = typer.Option(0, "--gpu-layers", "-ngl", "--n-gpu-layers",
+                                   help="Layers on the GPU for every variant (-1: all; needs a GPU build)."),
     out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--out", help="Folder for the JSON and PNG (default docs/bench; the table then goes to docs/benchmarks.md, "
                       "else to OUT/benchmarks.md).")] = None,
@@ -70,7 +72,7 @@ def bench(
         kw["callgrind_prefill"] = {m: callgrind_prefill for m in kw["models"]}
     if no_aa:
         kw["slots"] = tuple(s for s in kw.get("slots", B.Plan.slots) if s != "b2")
-    plan = B.Plan(**kw, threads=threads, callgrind=not no_callgrind, profile=profile,
+    plan = B.Plan(**kw, threads=threads, n_gpu_layers=gpu_layers, callgrind=not no_callgrind, profile=profile,
                   budget_s=budget_min * 60 if budget_min else None)
     B.main(plan, out_dir=out)
 

@@ -64,6 +64,7 @@ class Plan:
     models: list[str]
     reps: int = 5
     threads: int = 2
+    n_gpu_layers: int = 0  # -1: everything on the GPU (needs a GPU build, DELTAMEM_BACKEND=cuda|metal)
     slots: tuple[str, ...] = ("a", "b", "b2", "c", "d")
     prompt: int = 128  # D task: prefill length
     decode: int = 128  # D task: decode steps
@@ -347,7 +348,8 @@ def run_model(plan: Plan, bm: Any, stock_lib: Path, patched_lib: Path, logs: Pat
             w = WorkerProc(wname, lib, logs / f"{bm.name}.{wname}.log")
             workers[wname] = w
             res["load"][wname] = w.call("load", model=str(bm.path), adapter=str(bm.adapter) if wname == "cd" else None,
-                                        threads=plan.threads, n_ctx=n_ctx, n_batch=plan.chunk)
+                                        threads=plan.threads, n_ctx=n_ctx, n_batch=plan.chunk,
+                                        n_gpu_layers=plan.n_gpu_layers)
         if "a" in workers and res["load"]["a"]["dmem_symbols"]:
             raise DeltaMemError("the stock worker loaded a library with δ-mem symbols", path=stock_lib)
         # warm-up: page in the weights, allocate, spin up threads (not measured)

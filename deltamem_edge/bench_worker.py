@@ -123,7 +123,7 @@ class Worker:
         return ctx
 
     def load(self, model: str, adapter: str | None = None, threads: int = 2, n_ctx: int = 2304,
-             n_batch: int = 512, n_ubatch: int | None = None, **_: Any) -> dict:
+             n_batch: int = 512, n_ubatch: int | None = None, n_gpu_layers: int = 0, **_: Any) -> dict:
         self.L = L = _llama()
         self._quiet()
         L.llama_backend_init()
@@ -132,7 +132,7 @@ class Worker:
         self.threads = threads
         self.n_batch = n_batch
         mp = L.llama_model_default_params()
-        mp.n_gpu_layers = 0
+        mp.n_gpu_layers = n_gpu_layers
         t0 = time.perf_counter()
         self.model = L.llama_model_load_from_file(model.encode(), mp)
         if not self.model:
