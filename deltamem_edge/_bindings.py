@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import NativeLibraryError
 
-API_VERSION = 1  # LLAMA_DMEM_API_VERSION in native/include/llama-deltamem.h
+API_VERSION = 2  # LLAMA_DMEM_API_VERSION in native/include/llama-deltamem.h
 
 
 def _prepare_environment() -> None:
@@ -57,6 +57,7 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "llama_dmem_is_attached": ([_ctx_p], ctypes.c_bool),
     "llama_dmem_set_write": ([_ctx_p, ctypes.c_bool], ctypes.c_int32),
     "llama_dmem_get_write": ([_ctx_p], ctypes.c_bool),
+    "llama_dmem_set_message_ids": ([_ctx_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32], ctypes.c_int32),
     "llama_dmem_state_n_floats": ([_ctx_p], ctypes.c_int64),
     "llama_dmem_state_get": ([_ctx_p, ctypes.c_int32, c_float_p, ctypes.c_size_t], ctypes.c_int32),
     "llama_dmem_state_set": ([_ctx_p, ctypes.c_int32, c_float_p, ctypes.c_size_t], ctypes.c_int32),

@@ -165,6 +165,11 @@ class Conversation:
         self._file: statefile.MemoryFile | None = None
         self._closed = False
 
+        granularity = engine.adapter.write_granularity if engine.adapter else "token"
+        if granularity == "sentence_mean":
+            raise EngineError("sentence_mean adapters are not supported in conversations yet",
+                              hint="drive them with Session.feed(..., message_ids=sentence ids)")
+        self._segments = granularity == "message_mean"  # SSW: one write per message per call
         if memory is not None and engine.adapter is None:
             raise EngineError("a memory file needs a δ-mem adapter, and this model has none",
                               hint="pass --adapter, use a bundled model, or drop --memory")
@@ -241,8 +246,17 @@ class Conversation:
 
     # -- feeding ---------------------------------------------------------------------------
 
-    def _feed(self, ids: list[int], write: bool, progress: Progress | None = None) -> np.ndarray | None:
-        """Feed ids in chunks (for progress), keeping the cache bookkeeping in step."""
+    def _feed(self, ids: list[int], write: bool, progress: Progress | None = None,
+              message_ids: list[int] | None = None) -> np.ndarray | None:
+        """Feed ids in chunks (for progress), keeping the cache bookkeeping in step.
+
+        With message ids (SSW adapters) the ids are one upstream call: fed in one piece.
+        """
+        if message_ids is not None:
+            with deferred_interrupts():
+                logits = self.session.feed(ids, write=write, logits="last", message_ids=message_ids)
+                self._kv.extend(ids)
+            return logits
         logits = None
         step = self.engine.n_batch * 4 if progress else len(ids)
         for start in range(0, len(ids), max(step, 1)):
@@ -261,10 +275,18 @@ class Conversation:
     def _start_with_system(self, message: Message) -> None:
         text = self._template.render([message], generation_prompt=False)
         ids = self._tokenize(text)
-        self._feed(ids, write=self.tokens_written == 0 and not self.readonly)
+        # written into a fresh memory once (an SSW adapter never writes it: upstream gives it id -1)
+        write = self.tokens_written == 0 and not self.readonly and not self._segments
+        self._feed(ids, write=write)
         self.messages.append(message)
         self._preamble = len(self._kv)
         self._rendered = text
+
+    def _generation_prompt(self, messages: list[Message]) -> str:
+        """The text the template adds for the assistant's turn (SSW gives it id -1, like upstream)."""
+        with_prompt = self._template.render(messages, generation_prompt=True)
+        without = self._template.render(messages, generation_prompt=False)
+        return with_prompt[len(without):] if with_prompt.startswith(without) else ""
 
     def _evict_oldest(self) -> bool:
         """Drop the oldest evictable block of messages from the cache (the state keeps them)."""
@@ -318,12 +340,13 @@ class Conversation:
         self._rendered = self._template.render(messages[:-1], generation_prompt=False)
         return new_ids[boundary:]
 
-    def _feed_prompt(self, ids: list[int], progress: Progress | None) -> np.ndarray | None:
+    def _feed_prompt(self, ids: list[int], progress: Progress | None,
+                     message_ids: list[int] | None = None) -> np.ndarray | None:
         """Feed a new message; if interrupted (Ctrl-C) undo it completely: cache, state and counter."""
         kv_len, written = len(self._kv), self.session.tokens_written
         snapshot = self.session.state() if self.engine.adapter is not None else None
         try:
-            return self._feed(ids, write=not self.readonly, progress=progress)
+            return self._feed(ids, write=not self.readonly, progress=progress, message_ids=message_ids)
         except KeyboardInterrupt:
             with deferred_interrupts():
                 self.session.truncate(kv_len)
@@ -373,8 +396,13 @@ class Conversation:
                 raise EngineError(f"this turn ({len(written_ids)} tokens) does not fit the context of {eng.n_ctx}",
                                   hint="use a larger --ctx-size, a smaller --predict, or a shorter message")
         self.stats = TurnStats(prompt_tokens=len(written_ids))
+        index = sum(1 for m in self.history if m["role"] != "system")  # upstream's message id of this turn
+        message_ids = None
+        if self._segments:
+            gen = len(self._tokenize(self._generation_prompt(self.messages + [user])))
+            message_ids = [index] * (len(written_ids) - gen) + [-1] * gen
         t0 = time.perf_counter()
-        logits = self._feed_prompt(written_ids, progress)
+        logits = self._feed_prompt(written_ids, progress, message_ids)
         self.stats.prefill_s = time.perf_counter() - t0
         self.messages.append(user)
         self.history.append(user)
@@ -418,7 +446,9 @@ class Conversation:
             tail_ids = self._tokenize(full[len(in_cache):])
             with contextlib.suppress(EngineError):
                 self._make_room(len(tail_ids) + 1)
-                self._feed(tail_ids, write=not self.readonly)
+                index = sum(1 for m in self.history if m["role"] != "system")  # the reply's message id
+                mids = [index] * len(tail_ids) if self._segments else None
+                self._feed(tail_ids, write=not self.readonly, message_ids=mids)
                 self._rendered = full
         else:
             self._rendered = None  # the next turn re-renders and matches tokens instead

@@ -39,6 +39,7 @@ class AdapterInfo:
     state_heads: int
     layers: tuple[int, ...]
     bundled: bool
+    write_granularity: str = "token"
 
     @property
     def rows(self) -> int:
@@ -159,6 +160,7 @@ class Engine:
                 state_heads=dmem.llama_dmem_adapter_state_heads(handle),
                 layers=tuple(dmem.llama_dmem_adapter_layer(handle, i) for i in range(n)),
                 bundled=path.resolve() == self.model_path.resolve(),
+                write_granularity=_write_granularity(path),
             )
             return self.adapter
 
@@ -293,16 +295,24 @@ class Session:
 
     # -- feeding ---------------------------------------------------------------------------
 
-    def feed(self, ids: list[int] | np.ndarray, write: bool = True, *, logits: str = "all") -> np.ndarray:
+    def feed(self, ids: list[int] | np.ndarray, write: bool = True, *, logits: str = "all",
+             message_ids: list[int] | np.ndarray | None = None) -> np.ndarray:
         """Run tokens through the model at the next positions.
 
         Returns float32 logits ``[len(ids), n_vocab]`` (``logits="last"``: only the last
         row, ``[1, n_vocab]``; ``"none"``: an empty array).  With ``write=True`` every
         token is written into the δ-state; ``write=False`` reads the frozen state.
+
+        ``message_ids`` (SSW adapters, write granularity message_mean / sentence_mean): one
+        id per token, -1 = not written.  The call is one upstream forward call: every token
+        reads the state as it was at the start, then each message writes once from the mean
+        of its tokens.  It must fit one ubatch (``n_batch``).  Token-granularity adapters
+        ignore the ids.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if logits not in ("all", "last", "none"):
             raise ValueError("logits must be 'all', 'last' or 'none'")
+        segment_ids = self._segment_ids(ids, message_ids, write)
         eng = self.engine
         with eng._lock:
             self._check()
@@ -315,6 +325,9 @@ class Session:
                                   hint="drop old tokens with Session.forget() or use a larger n_ctx")
             if eng._adapter:
                 dmem.llama_dmem_set_write(eng._ctx, bool(write))
+                if segment_ids is not None:
+                    dmem.llama_dmem_set_message_ids(
+                        eng._ctx, segment_ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), segment_ids.size)
             rows: list[np.ndarray] = []
             for start in range(0, ids.size, eng.n_batch):
                 chunk = ids[start:start + eng.n_batch]
@@ -341,6 +354,23 @@ class Session:
             if not rows:
                 return np.zeros((0, eng.n_vocab), dtype=np.float32)
             return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+
+    def _segment_ids(self, ids: np.ndarray, message_ids: list[int] | np.ndarray | None,
+                     write: bool) -> np.ndarray | None:
+        """Validated int32 segment ids for this call, or None when they change nothing."""
+        if message_ids is None:
+            return None
+        mids = np.ascontiguousarray(message_ids, dtype=np.int32).reshape(-1)
+        if mids.size != ids.size:
+            raise EngineError(f"{mids.size} message ids for {ids.size} tokens: give one id per token")
+        info = self.engine.adapter
+        if not write or info is None or info.write_granularity == "token" or ids.size <= 1:
+            return None  # a one-token call writes the same way per token or per message
+        if ids.size > self.engine.n_batch:
+            raise EngineError(f"a call with message ids must fit one batch ({ids.size} tokens > n_batch "
+                              f"{self.engine.n_batch}): segment writes average over the whole call",
+                              hint="create the Engine with a larger n_batch")
+        return mids
 
     def forget(self, p0: int, p1: int) -> None:
         """Drop KV positions [p0, p1) and slide later ones back; the δ-state keeps everything.
@@ -443,6 +473,13 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _write_granularity(path: Path) -> str:
+    from . import gguf_schema as S
+    from .gguf_header import read_gguf_header
+
+    return str(read_gguf_header(path).get(S.KEY_WRITE_GRANULARITY, "token"))
 
 
 def _why(prefix: str) -> str:

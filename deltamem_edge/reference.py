@@ -495,11 +495,8 @@ class RefSession:
     def __init__(self, model: RefModel, adapter: RefAdapter | None = None) -> None:
         if adapter is not None:
             adapter.check_compatible(model)
-            if adapter.cfg.write_granularity != "token":
-                raise NotImplementedError(
-                    f"write granularity {adapter.cfg.write_granularity!r}: the reference implements 'token' only"
-                )
         self.model, self.adapter = model, adapter
+        self._message_ids: np.ndarray | None = None
         self.reset()
 
     # ---- state management ------------------------------------------------------------
@@ -534,14 +531,19 @@ class RefSession:
 
     # ---- forward -----------------------------------------------------------------------
 
-    def feed(self, ids: list[int] | np.ndarray, write: bool = True, trace: dict | None = None) -> np.ndarray:
-        """Run ``ids`` after everything fed so far; return their logits [len(ids), n_vocab].
+    def feed(self, ids: list[int] | np.ndarray, write: bool = True, trace: dict | None = None,
+             message_ids: list[int] | np.ndarray | None = None) -> np.ndarray:
+        """Run ``ids`` after everything fed so far (one upstream forward call); return logits [len(ids), n_vocab].
 
         ``write=False`` reads the frozen δ-state and leaves it unchanged (§1.8).  Pass a
         dict as ``trace`` to receive per-layer intermediates (keys ``"{il}.name"``).
+        ``message_ids`` (SSW adapters, §1.11): one id per token, -1 = not written.
         """
         m, hp = self.model, self.model.hp
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self._message_ids = None if message_ids is None else np.asarray(message_ids, dtype=np.int64).reshape(-1)
+        if self._message_ids is not None and len(self._message_ids) != len(ids):
+            raise ValueError("message_ids must have one id per token")
         pos = self.n_past + np.arange(len(ids))
         x = m.w["token_embd.weight"][ids]
         for il in range(hp.n_layer):
@@ -560,6 +562,9 @@ class RefSession:
         slot = cfg.layers.index(il)
         mi = memory_inputs(a, w, cfg)
         reads = np.empty_like(mi.v)
+        segments = self._segments()
+        if write and segments:
+            return self._memory_segments(il, a, mi, segments, trace)
         for h in range(cfg.state_heads):
             if write:
                 reads[:, h], self._S[slot, h] = delta_scan(
@@ -575,6 +580,38 @@ class RefSession:
             trace[f"{il}.reads"] = reads
             for h, d in deltas.items():
                 trace[f"{il}.delta_{h}"] = d
+        return deltas
+
+    def _segments(self) -> list[np.ndarray]:
+        """SSW (§1.11): token indices of each active message of this call, ids ascending.
+
+        Empty (= ordinary per-token writes) for token-granularity adapters, without ids, or
+        when no token of the call has an id >= 0 (upstream's silent fallback, §8 Q4).
+        """
+        ids = self._message_ids
+        if self.adapter.cfg.write_granularity == "token" or ids is None:
+            return []
+        return [np.flatnonzero(ids == m) for m in np.unique(ids[ids >= 0])]
+
+    def _memory_segments(self, il: int, a: np.ndarray, mi: MemoryInputs, segments: list[np.ndarray],
+                         trace: dict | None) -> dict[str, np.ndarray]:
+        """SSW write: every token reads the call-start state; then one write per message, from the
+        mean of its tokens' attention inputs, in ascending id order."""
+        cfg = self.adapter.cfg
+        w = self.adapter.layers[il].w
+        slot = cfg.layers.index(il)
+        means = np.stack([a[idx].mean(axis=0) for idx in segments])
+        ms = memory_inputs(means, w, cfg)
+        reads = np.empty_like(mi.v)
+        for h in range(cfg.state_heads):
+            S0 = self._S[slot, h]
+            reads[:, h] = delta_read(mi.q[:, h], S0)
+            _, self._S[slot, h] = delta_scan(ms.q[:, h], ms.k[:, h], ms.v[:, h], ms.keep[:, h], ms.erase[:, h],
+                                            ms.write[:, h], S0)
+        reads = reads.reshape(len(a), cfg.R)
+        deltas = delta_outputs(reads, w, cfg)
+        if trace is not None:
+            trace[f"{il}.reads"] = reads
         return deltas
 
     def _layer(self, il: int, x: np.ndarray, pos: np.ndarray, write: bool, trace: dict | None) -> np.ndarray:

@@ -278,6 +278,7 @@ def write_adapter(
     delta_o_rmsnorm_eps: float = 1e-6,
     dtype: str = "f32",
     bundle_into: str | Path | None = None,
+    write_granularity: str = "token",
 ) -> Path:
     """Write upstream-order ``weights`` as a standalone adapter GGUF at ``path`` and/or a bundle.
 
@@ -296,7 +297,7 @@ def write_adapter(
         "norm_eps": norm_eps, "gate_clamp": gate_clamp,
         "delta_heads": tuple(h for h in S.DELTA_HEADS if f"delta_{h}_proj" in first),
         "delta_o_rmsnorm": "delta_o_rmsnorm_weight" in first, "delta_o_rmsnorm_eps": delta_o_rmsnorm_eps,
-        "write_granularity": "token", "layers": sorted(weights),
+        "write_granularity": write_granularity, "layers": sorted(weights),
     }
     tensors = adapter_tensors(weights, rank, state_heads, update_mode, couple_lambda)
     if path is not None:
@@ -355,6 +356,7 @@ def write_random_adapter(
     seed: int = 0,
     dtype: str = "f32",
     bundle_into: str | Path | None = None,
+    write_granularity: str = "token",
 ) -> Path:
     """Random non-zero δ-mem adapter for ``base_path`` (see ``random_adapter_weights``).
 
@@ -369,4 +371,5 @@ def write_random_adapter(
     return write_adapter(
         path, base_path, weights, rank=rank, state_heads=state_heads, update_mode=update_mode,
         couple_lambda=couple_lambda, normalize_qk=normalize_qk, alpha=alpha, dtype=dtype, bundle_into=bundle_into,
+        write_granularity=write_granularity,
     )

@@ -131,3 +131,32 @@ def test_interrupted_reply_keeps_the_state_consistent(smol, tmp_path):
         assert conv.tokens_written == kv_positions(conv)
         np.testing.assert_array_equal(read_state_file(path).state, conv.session.state())
         conv.say("Thanks.")  # and the conversation goes on
+
+
+def test_segment_adapter_conversation_sends_upstream_message_ids(smol, tmp_path):
+    """SSW (message_mean): the prompt is one call, user tokens carry the message index, the
+    generation prompt -1; the reply's tail carries the reply's index; the system prompt is not written."""
+    adapter = write_random_adapter(tmp_path / "ssw.dmem.gguf", smol["model"], rank=8, seed=6,
+                                   write_granularity="message_mean")
+    calls: list[tuple[int, bool, list[int] | None]] = []
+    with Engine(smol["model"], adapter, n_ctx=1024, n_threads=2) as eng, \
+            Conversation(eng, tmp_path / "ssw.state", sampling=GREEDY, max_new_tokens=6) as conv:
+        assert conv.tokens_written == 0  # the system prompt was fed read-only
+        original = conv.session.feed
+
+        def recording_feed(ids, write=True, **kw):
+            calls.append((len(ids), write, None if kw.get("message_ids") is None else list(kw["message_ids"])))
+            return original(ids, write=write, **kw)
+
+        conv.session.feed = recording_feed
+        conv.say("Hello there, how are you?")
+        conv.say("Tell me more.")
+    prompts = [c for c in calls if c[0] > 1 and c[2] is not None and -1 in c[2]]
+    assert len(prompts) == 2
+    for turn, (n, write, mids) in enumerate(prompts):
+        assert write and len(mids) == n
+        user_part = [m for m in mids if m != -1]
+        assert set(user_part) == {2 * turn} and mids[-1] == -1  # user index, then the generation prompt
+        assert mids == sorted(mids, key=lambda m: m == -1)  # -1 only at the end
+    tails = [c for c in calls if c[2] is not None and -1 not in c[2]]
+    assert [set(t[2]) for t in tails] == [{1}, {3}]  # the assistant messages' indices

@@ -259,6 +259,57 @@ def test_bundle_equals_standalone_adapter(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# SSW: segment (message_mean) writes
+# ---------------------------------------------------------------------------------------------
+
+MSG_IDS = [-1, -1, 0, 0, 0, 1, 1, -1, 2, 2, 2, 2, -1, 3, 3, 1]  # ids need not be contiguous in a call
+
+
+@pytest.mark.parametrize("kw", [dict(rank=4), dict(rank=8, state_heads=2, delta_heads="q,k,v,o"),
+                                dict(rank=4, update_mode="lambda_outside", couple_lambda=False)],
+                         ids=["r4", "r8-msw-qkvo", "lambda-outside-separate"])
+def test_segment_writes_match_reference(tiny, tmp_path, kw):
+    adapter = _adapter(tiny, "qwen3", tmp_path, write_granularity="message_mean", seed=21, **kw)
+    ref = RefModel(tiny["qwen3"])
+    rs = ref.session(RefAdapter(adapter, ref))
+    calls = [(RNG_IDS[:16], MSG_IDS), (RNG_IDS[16:20], [4, 4, 5, -1]), (RNG_IDS[20:21], [5]),
+             (RNG_IDS[21:24], [-1, -1, -1])]  # the last call has no active token: per-token writes
+    with engine(tiny["qwen3"], adapter) as eng:
+        s = eng.session()
+        for ids, mids in calls:
+            close(s.feed(ids, message_ids=mids), rs.feed(ids, message_ids=mids))
+            close(s.state(), rs.state())
+
+
+def test_segment_reads_use_the_call_start_state(tiny, tmp_path):
+    """Inside one SSW call nothing written in that call is visible: logits equal a read-only pass."""
+    adapter = _adapter(tiny, "llama", tmp_path, write_granularity="message_mean", seed=22)
+    with engine(tiny["llama"], adapter) as eng:
+        s = eng.session()
+        s.feed(RNG_IDS[:8], message_ids=[0] * 8)
+        before = s.state()
+        written = s.feed(RNG_IDS[8:], message_ids=[1] * 16)
+        after = s.state()
+        s.reset()
+        s.feed(RNG_IDS[:8], message_ids=[0] * 8)
+        np.testing.assert_array_equal(s.state(), before)
+        read_only = s.feed(RNG_IDS[8:], write=False)
+    np.testing.assert_array_equal(written, read_only)
+    assert np.abs(after - before).max() > 1e-3  # but the call did write
+
+
+def test_segment_call_must_fit_one_batch(tiny, tmp_path):
+    adapter = _adapter(tiny, "qwen3", tmp_path, write_granularity="message_mean")
+    with engine(tiny["qwen3"], adapter, n_batch=8) as eng:
+        s = eng.session()
+        with pytest.raises(EngineError, match="must fit one batch"):
+            s.feed(RNG_IDS[:12], message_ids=[0] * 12)
+        with pytest.raises(EngineError, match="one id per token"):
+            s.feed(RNG_IDS[:4], message_ids=[0] * 3)
+        assert s.n_past == 0 and np.abs(s.state()).max() == 0.0  # nothing happened
+
+
+# ---------------------------------------------------------------------------------------------
 # the hand-checkable vector of deltamem-math.md §10.1, through the engine
 # ---------------------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ extern "C" {
 #endif
 
 // Bumped whenever a function below changes; the Python bindings check it.
-#define LLAMA_DMEM_API_VERSION 1
+#define LLAMA_DMEM_API_VERSION 2
 
 struct llama_dmem_adapter;
 
@@ -62,6 +62,13 @@ LLAMA_API bool    llama_dmem_is_attached(const struct llama_context * ctx);
 // Writes on (default) or off.  Off = read-only: every token reads the frozen state.
 LLAMA_API int32_t llama_dmem_set_write(struct llama_context * ctx, bool write);
 LLAMA_API bool    llama_dmem_get_write(const struct llama_context * ctx);
+
+// Segment ids for the NEXT llama_decode (SSW adapters: write_granularity message_mean or
+// sentence_mean): one id per token of that batch, -1 = not written.  Every token reads the
+// state as it was when the call started; then each id (ascending) writes once, from the mean
+// attention input of its tokens.  No id >= 0 (or none set): the call writes per token, as
+// upstream falls back.  The call must fit one ubatch.  Ignored by token-granularity adapters.
+LLAMA_API int32_t llama_dmem_set_message_ids(struct llama_context * ctx, const int32_t * ids, int32_t n_ids);
 
 // Compact state of one sequence: float32 [n_layers, state_heads*rank, rank], row h*rank+i
 // of each layer is component i of state head h (upstream's layout).  n_floats of it.

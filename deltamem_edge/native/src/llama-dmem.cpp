@@ -108,6 +108,7 @@ struct llama_dmem_adapter {
     float     gate_clamp    = 20.0f;
     bool      do_rmsnorm    = false;
     float     do_rmsnorm_eps = 1e-6f;
+    bool      segment_writes = false; // SSW (message_mean / sentence_mean): one write per segment of a call
 
     std::vector<llama_dmem_layer> layers;     // in increasing base-layer order
     std::vector<int>              slot_of;    // base layer -> index in `layers`, or -1
@@ -136,6 +137,10 @@ struct llama_dmem_context {
     bool     write = true;
     uint64_t gen   = 0;          // unique per (attach, write) configuration: forces a graph rebuild
     uint32_t n_seq = 0;
+
+    // SSW: segment ids for the next llama_decode (set by the caller), moved to call_ids when it starts
+    std::vector<int32_t> next_ids;
+    std::vector<int32_t> call_ids;
 
     std::vector<ggml_tensor *>           store;  // per base layer: F32 [P*P*R, n_seq] or nullptr
     std::vector<ggml_context_ptr>        ctxs;
@@ -196,12 +201,16 @@ public:
             }
         }
         ggml_backend_tensor_set(rows, ids.data(), 0, B * sizeof(int32_t));
+        if (avg) {
+            ggml_backend_tensor_set(avg, avg_data.data(), 0, avg_data.size() * sizeof(float));
+        }
     }
 
     bool can_reuse(const llm_graph_params & params) override {
         int64_t T, b;
         ubatch_layout(params.ubatch, T, b);
-        return params.dmem == dc && params.dmem_gen == gen && b == B;
+        // a segment-write graph depends on this call's message ids: never reused
+        return params.dmem == dc && params.dmem_gen == gen && b == B && avg == nullptr;
     }
 
     const llama_dmem_context * dc;
@@ -210,6 +219,11 @@ public:
 
     ggml_tensor *              rows = nullptr; // I32 [B]
     std::vector<ggml_tensor *> reads;          // per layer: scaled reads [R, n_tokens]
+
+    // SSW: averaging matrix of this call, F32 [n_tokens, n_slots]: column m averages message m
+    ggml_tensor *      avg = nullptr;
+    std::vector<float> avg_data;
+    int64_t            n_slots = 0;
 };
 
 llm_graph_input_dmem * find_input(const llm_graph_context & g) {
@@ -221,10 +235,120 @@ llm_graph_input_dmem * find_input(const llm_graph_context & g) {
     return nullptr;
 }
 
-// rows [off, off+n) of a [nrows, n_tokens] projection, made contiguous
+// rows [off, off+n) of a [nrows, n] projection, made contiguous
 ggml_tensor * proj_rows(ggml_context * ctx, ggml_tensor * proj, int64_t off, int64_t n) {
     ggml_tensor * v = ggml_view_2d(ctx, proj, n, proj->ne[1], proj->nb[1], off * ggml_element_size(proj));
     return ggml_cont(ctx, v);
+}
+
+// memory q, k, v and the GDN gates for T steps of B sequences, from a [4R|5R, T*B] projection
+struct dmem_steps {
+    ggml_tensor * q;    // [r, H, T, B]
+    ggml_tensor * k;    // [r, H, T, B]
+    ggml_tensor * v;    // [1, R, T, B]  (v' = write·v·keep/erase)
+    ggml_tensor * gate; // [1, R, T, B]  (log keep)
+    ggml_tensor * beta; // [1, R, T, B]  (erase / keep)
+};
+
+dmem_steps dmem_inputs(ggml_context * ctx, const llama_dmem_adapter & A, const llama_dmem_layer & L,
+                       ggml_tensor * proj, int64_t T, int64_t B, bool write) {
+    const int64_t r = A.rank, H = A.heads, R = A.rows();
+    dmem_steps st;
+    st.q = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 0, R), r, H, T, B);
+    st.k = ggml_reshape_4d(ctx, proj_rows(ctx, proj, R, R), r, H, T, B);
+    ggml_tensor * v  = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 2 * R, R), 1, R, T, B);
+    ggml_tensor * zb = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 3 * R, R), 1, R, T, B);
+    if (A.normalize_qk) {
+        st.q = ggml_l2_norm(ctx, ggml_tanh(ctx, st.q), A.norm_eps);
+        st.k = ggml_l2_norm(ctx, ggml_tanh(ctx, st.k), A.norm_eps);
+    }
+
+    // gate pre-activations, clamped: exp/softplus of |z| > ~88 would give inf and then NaN
+    // in the state, which would poison a saved memory forever; σ(±20) is 1/0 in fp32 anyway
+    zb = ggml_add(ctx, zb, ggml_reshape_4d(ctx, L.b_beta, 1, R, 1, 1));
+    zb = ggml_clamp(ctx, zb, -A.gate_clamp, A.gate_clamp);
+    ggml_tensor * zl = nullptr;
+    if (A.uses_lambda()) {
+        zl = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 4 * R, R), 1, R, T, B);
+        zl = ggml_add(ctx, zl, ggml_reshape_4d(ctx, L.b_lambda, 1, R, 1, 1));
+        zl = ggml_clamp(ctx, zl, -A.gate_clamp, A.gate_clamp);
+    }
+
+    if (!write) {
+        // read-only: no decay, no erase, nothing written; the state stays bit-identical
+        ggml_tensor * zero = ggml_scale(ctx, zb, 0.0f);
+        st.gate = st.beta = st.v = zero;
+        return st;
+    }
+    // per-row keep/erase/write -> GDN (g = log keep, β' = erase/keep, v' = write·v·keep/erase);
+    // log σ(-z) = -softplus(z),  log σ(z) = -softplus(-z)
+    ggml_tensor * log_keep = nullptr;
+    if (A.mode != dmem_mode::no_lambda) {
+        log_keep = A.couple_lambda ? ggml_neg(ctx, ggml_softplus(ctx, zb))               // λ = 1-β
+                                   : ggml_neg(ctx, ggml_softplus(ctx, ggml_neg(ctx, zl))); // λ = σ(z_λ)
+    }
+    switch (A.mode) {
+        case dmem_mode::standard:      // keep λ, erase β, write β
+            st.gate = log_keep;
+            st.beta = A.couple_lambda
+                ? ggml_exp(ctx, zb)    // β/(1-β)
+                : ggml_exp(ctx, ggml_sub(ctx, ggml_neg(ctx, ggml_softplus(ctx, ggml_neg(ctx, zb))), log_keep)); // σ(z)/λ
+            st.v = ggml_mul(ctx, v, ggml_exp(ctx, log_keep));
+            break;
+        case dmem_mode::lambda_outside: // keep λ, erase λβ, write β
+            st.gate = log_keep;
+            st.beta = ggml_sigmoid(ctx, zb);
+            st.v    = v;
+            break;
+        case dmem_mode::no_lambda:      // keep 1, erase β, write β
+            st.gate = ggml_scale(ctx, zb, 0.0f);
+            st.beta = ggml_sigmoid(ctx, zb);
+            st.v    = v;
+            break;
+    }
+    return st;
+}
+
+// the scan: GATED_DELTA_NET with one head per state row; returns its packed output
+// (reads [P, R, T+1, B] then the final states [P, P, R, B])
+ggml_tensor * dmem_scan(ggml_context * ctx, const llama_dmem_adapter & A, const dmem_steps & st, ggml_tensor * s0) {
+    const int64_t P = DMEM_P, r = A.rank;
+    // read-before-write: no-op step in front of k/v/g/β, zero step after q
+    ggml_tensor * qp = ggml_pad_ext(ctx, st.q,    0, P - r, 0, 0, 0, 1, 0, 0); // [P, H, T+1, B]
+    ggml_tensor * kp = ggml_pad_ext(ctx, st.k,    0, P - r, 0, 0, 1, 0, 0, 0); // [P, H, T+1, B]
+    ggml_tensor * vp = ggml_pad_ext(ctx, st.v,    0, P - 1, 0, 0, 1, 0, 0, 0); // [P, R, T+1, B]
+    ggml_tensor * gp = ggml_pad_ext(ctx, st.gate, 0, 0,     0, 0, 1, 0, 0, 0); // [1, R, T+1, B]
+    ggml_tensor * bp = ggml_pad_ext(ctx, st.beta, 0, 0,     0, 0, 1, 0, 0, 0); // [1, R, T+1, B]
+    ggml_tensor * out = ggml_gated_delta_net(ctx, qp, kp, vp, gp, bp, s0, 1);
+    ggml_set_name(out, "dmem_scan");
+    return out;
+}
+
+// final states [P*P*R, B] inside a scan output of T steps
+ggml_tensor * scan_states(ggml_context * ctx, ggml_tensor * out, int64_t R, int64_t T, int64_t B) {
+    const int64_t P = DMEM_P;
+    const size_t f = sizeof(float);
+    return ggml_view_2d(ctx, out, P * P * R, B, P * P * R * f, P * R * (T + 1) * B * f);
+}
+
+// SSW: the averaging matrix for this call's message ids (ascending ids = slot order), or
+// nothing when no token has an id >= 0 (then the call writes per token, as upstream does)
+void segment_matrix(const std::vector<int32_t> & ids, std::vector<float> & out, int64_t & n_slots) {
+    std::map<int32_t, std::vector<int64_t>> members;
+    for (size_t t = 0; t < ids.size(); ++t) {
+        if (ids[t] >= 0) {
+            members[ids[t]].push_back((int64_t) t);
+        }
+    }
+    n_slots = (int64_t) members.size();
+    out.assign(ids.size() * members.size(), 0.0f);
+    int64_t m = 0;
+    for (const auto & [id, toks] : members) {
+        for (int64_t t : toks) {
+            out[m * ids.size() + t] = 1.0f / (float) toks.size(); // column m of [n_tokens, n_slots]
+        }
+        ++m;
+    }
 }
 
 } // namespace
@@ -243,8 +367,6 @@ void llama_dmem_build_qkv(const llm_graph_context & g, ggml_tensor * cur,
 
     ggml_context * ctx = g.ctx0;
     const int64_t P = DMEM_P;
-    const int64_t r = A.rank;
-    const int64_t H = A.heads;
     const int64_t R = A.rows();
     const int64_t n_tokens = cur->ne[1];
 
@@ -258,83 +380,25 @@ void llama_dmem_build_qkv(const llm_graph_context & g, ggml_tensor * cur,
         p->rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, B);
         ggml_set_input(p->rows);
         ggml_set_name(p->rows, "dmem_rows");
+        if (dc->write && A.segment_writes && B == 1 && (int64_t) dc->call_ids.size() == n_tokens) {
+            segment_matrix(dc->call_ids, p->avg_data, p->n_slots);
+            if (p->n_slots > 0) {
+                p->avg = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_tokens, p->n_slots);
+                ggml_set_input(p->avg);
+                ggml_set_name(p->avg, "dmem_segments");
+            }
+        }
         inp = static_cast<llm_graph_input_dmem *>(g.res->add_input(std::move(p)));
     }
-
-    // projections of the attention input: one matmul for q, k, v and the gates
-    ggml_tensor * proj = ggml_mul_mat(ctx, L->w_in, cur); // [4R|5R, n_tokens]
-    ggml_tensor * q  = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 0,     R), r, H, T, B);
-    ggml_tensor * k  = ggml_reshape_4d(ctx, proj_rows(ctx, proj, R,     R), r, H, T, B);
-    ggml_tensor * v  = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 2 * R, R), 1, R, T, B);
-    ggml_tensor * zb = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 3 * R, R), 1, R, T, B);
-
-    if (A.normalize_qk) {
-        q = ggml_l2_norm(ctx, ggml_tanh(ctx, q), A.norm_eps);
-        k = ggml_l2_norm(ctx, ggml_tanh(ctx, k), A.norm_eps);
-    }
-
-    // gate pre-activations, clamped: exp/softplus of |z| > ~88 would give inf and then NaN
-    // in the state, which would poison a saved memory forever; σ(±20) is 1/0 in fp32 anyway
-    zb = ggml_add(ctx, zb, ggml_reshape_4d(ctx, L->b_beta, 1, R, 1, 1));
-    zb = ggml_clamp(ctx, zb, -A.gate_clamp, A.gate_clamp);
-    ggml_tensor * zl = nullptr;
-    if (A.uses_lambda()) {
-        zl = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 4 * R, R), 1, R, T, B);
-        zl = ggml_add(ctx, zl, ggml_reshape_4d(ctx, L->b_lambda, 1, R, 1, 1));
-        zl = ggml_clamp(ctx, zl, -A.gate_clamp, A.gate_clamp);
-    }
-
-    // per-row keep/erase/write -> GDN (g = log keep, β' = erase/keep, v' = write·v·keep/erase)
-    ggml_tensor * gate = nullptr; // [1, R, T, B]
-    ggml_tensor * beta = nullptr; // [1, R, T, B]
-    ggml_tensor * vin  = nullptr; // [1, R, T, B]
-    if (!dc->write) {
-        // read-only: no decay, no erase, nothing written; the state stays bit-identical
-        ggml_tensor * zero = ggml_scale(ctx, zb, 0.0f);
-        gate = zero;
-        beta = zero;
-        vin  = zero;
-    } else {
-        // log σ(-z) = -softplus(z);  log σ(z) = -softplus(-z)
-        ggml_tensor * log_keep = nullptr;
-        if (A.mode != dmem_mode::no_lambda) {
-            log_keep = A.couple_lambda ? ggml_neg(ctx, ggml_softplus(ctx, zb))               // λ = 1-β
-                                       : ggml_neg(ctx, ggml_softplus(ctx, ggml_neg(ctx, zl))); // λ = σ(z_λ)
-        }
-        switch (A.mode) {
-            case dmem_mode::standard:      // keep λ, erase β, write β
-                gate = log_keep;
-                beta = A.couple_lambda
-                    ? ggml_exp(ctx, zb)    // β/(1-β)
-                    : ggml_exp(ctx, ggml_sub(ctx, ggml_neg(ctx, ggml_softplus(ctx, ggml_neg(ctx, zb))), log_keep)); // σ(z)/λ
-                vin  = ggml_mul(ctx, v, ggml_exp(ctx, log_keep));
-                break;
-            case dmem_mode::lambda_outside: // keep λ, erase λβ, write β
-                gate = log_keep;
-                beta = ggml_sigmoid(ctx, zb);
-                vin  = v;
-                break;
-            case dmem_mode::no_lambda:      // keep 1, erase β, write β
-                gate = ggml_scale(ctx, zb, 0.0f);
-                beta = ggml_sigmoid(ctx, zb);
-                vin  = v;
-                break;
-        }
-    }
-
-    // read-before-write: no-op step in front of k/v/g/β, zero step after q
-    ggml_tensor * qp = ggml_pad_ext(ctx, q,    0, P - r, 0, 0, 0, 1, 0, 0); // [P, H, T+1, B]
-    ggml_tensor * kp = ggml_pad_ext(ctx, k,    0, P - r, 0, 0, 1, 0, 0, 0); // [P, H, T+1, B]
-    ggml_tensor * vp = ggml_pad_ext(ctx, vin,  0, P - 1, 0, 0, 1, 0, 0, 0); // [P, R, T+1, B]
-    ggml_tensor * gp = ggml_pad_ext(ctx, gate, 0, 0,     0, 0, 1, 0, 0, 0); // [1, R, T+1, B]
-    ggml_tensor * bp = ggml_pad_ext(ctx, beta, 0, 0,     0, 0, 1, 0, 0, 0); // [1, R, T+1, B]
+    const bool segments = inp->avg != nullptr; // SSW: reads from the call-start state, one write per message
 
     ggml_tensor * store = dc->store[il];
-    ggml_tensor * s0 = ggml_get_rows(ctx, store, inp->rows);                 // [P*P*R, B]
-    s0 = ggml_reshape_4d(ctx, s0, P, P, R, B);
+    ggml_tensor * s0 = ggml_reshape_4d(ctx, ggml_get_rows(ctx, store, inp->rows), P, P, R, B); // [P, P, R, B]
 
-    ggml_tensor * out = ggml_gated_delta_net(ctx, qp, kp, vp, gp, bp, s0, 1);
-    ggml_set_name(out, "dmem_scan");
+    // the tokens: their reads (and, per token, their writes)
+    ggml_tensor * proj = ggml_mul_mat(ctx, L->w_in, cur); // [4R|5R, n_tokens]
+    const bool token_writes = dc->write && !segments;
+    ggml_tensor * out = dmem_scan(ctx, A, dmem_inputs(ctx, A, *L, proj, T, B, token_writes), s0);
 
     const size_t f = sizeof(float);
     ggml_tensor * reads = ggml_view_4d(ctx, out, 1, R, T, B, P * f, P * R * f, P * R * (T + 1) * f, 0);
@@ -343,9 +407,15 @@ void llama_dmem_build_qkv(const llm_graph_context & g, ggml_tensor * cur,
     ggml_set_name(reads, "dmem_reads");
     inp->reads[il] = reads;
 
-    if (dc->write) {
-        ggml_tensor * s1 = ggml_view_2d(ctx, out, P * P * R, B, P * P * R * f, P * R * (T + 1) * B * f);
-        ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, store, s1, inp->rows));
+    if (token_writes) {
+        ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, store, scan_states(ctx, out, R, T, B), inp->rows));
+    } else if (segments) {
+        // one step per message: the mean attention input of its tokens in this call, ids ascending
+        const int64_t S = inp->n_slots;
+        ggml_tensor * means = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_transpose(ctx, cur)), inp->avg); // [n_embd, S]
+        ggml_tensor * sproj = ggml_mul_mat(ctx, L->w_in, means);
+        ggml_tensor * sout  = dmem_scan(ctx, A, dmem_inputs(ctx, A, *L, sproj, S, 1, true), s0);
+        ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, store, scan_states(ctx, sout, R, S, 1), inp->rows));
     }
 
     auto add_delta = [&](ggml_tensor *& dst, ggml_tensor * w) {
@@ -407,11 +477,35 @@ uint32_t llama_dmem_graph_extra_nodes(const llama_context * ctx) {
 }
 
 bool llama_dmem_batch_ok(llama_context * ctx, const llama_batch & batch) {
-    const llama_dmem_context * dc = find_ctx(ctx);
-    if (dc == nullptr || batch.seq_id == nullptr || batch.n_tokens <= 0) {
+    llama_dmem_context * dc = find_ctx(ctx);
+    if (dc == nullptr) {
         return true;
     }
-    const bool unified = ctx->get_cparams().kv_unified;
+    // SSW segment ids belong to exactly one call: this one
+    const bool had_ids = !dc->call_ids.empty();
+    dc->call_ids.swap(dc->next_ids);
+    dc->next_ids.clear();
+    if (had_ids || !dc->call_ids.empty()) {
+        dc->gen = g_gen.fetch_add(1); // a segment graph is built for its own call only
+    }
+    if (!dc->call_ids.empty()) {
+        if ((int32_t) dc->call_ids.size() != batch.n_tokens) {
+            fail("δ-mem message ids: " + std::to_string(dc->call_ids.size()) + " ids for a batch of " +
+                 std::to_string(batch.n_tokens) + " tokens");
+            dc->call_ids.clear();
+            return false;
+        }
+        if ((uint32_t) batch.n_tokens > ctx->get_cparams().n_ubatch) {
+            fail("a call with message ids must fit one ubatch (" + std::to_string(batch.n_tokens) + " tokens > n_ubatch " +
+                 std::to_string(ctx->get_cparams().n_ubatch) + "): segment writes average over the whole call");
+            dc->call_ids.clear();
+            return false;
+        }
+    }
+    if (batch.seq_id == nullptr || batch.n_tokens <= 0) {
+        return true;
+    }
+    const bool unified = ctx->get_cparams().kv_unified || !dc->call_ids.empty();
     llama_seq_id first = -1;
     for (int32_t i = 0; i < batch.n_tokens; ++i) {
         const int n_ids = batch.n_seq_id ? batch.n_seq_id[i] : 1;
@@ -425,7 +519,7 @@ bool llama_dmem_batch_ok(llama_context * ctx, const llama_batch & batch) {
             first = s;
         } else if (s != first && unified) {
             fail("with a δ-mem adapter attached, a batch must hold one sequence "
-                 "(or create the context with kv_unified = false)");
+                 "(or create the context with kv_unified = false; calls with message ids: always one)");
             return false;
         }
     }
@@ -591,9 +685,10 @@ void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path
         raise("norm_eps, gate_clamp (0 < c <= 40) or delta_o_rmsnorm_eps out of range");
     }
     const std::string gran = get_str(g, std::string(KP) + "write_granularity", "token");
-    if (gran != "token") {
-        raise("write_granularity '%s' is not supported by this build (token only)", gran.c_str());
+    if (gran != "token" && gran != "message_mean" && gran != "sentence_mean") {
+        raise("unknown write_granularity '%s' (token, message_mean, sentence_mean)", gran.c_str());
     }
+    A.segment_writes = gran != "token";
     const std::string order = get_str(g, std::string(KP) + "row_order", "gdn");
     if (order != "gdn") {
         raise("row_order '%s' is not supported (expected 'gdn')", order.c_str());
@@ -1038,6 +1133,18 @@ int32_t llama_dmem_set_write(struct llama_context * ctx, bool write) {
         dc->write = write;
         dc->gen   = g_gen.fetch_add(1);
     }
+    return 0;
+}
+
+int32_t llama_dmem_set_message_ids(struct llama_context * ctx, const int32_t * ids, int32_t n_ids) {
+    llama_dmem_context * dc = find_ctx(ctx);
+    if (dc == nullptr) {
+        return fail("no δ-mem adapter is attached to this context");
+    }
+    if (n_ids < 0 || (n_ids > 0 && ids == nullptr)) {
+        return fail("llama_dmem_set_message_ids: invalid arguments");
+    }
+    dc->next_ids.assign(ids, ids + n_ids);
     return 0;
 }
 
