@@ -197,7 +197,15 @@ class Engine:
 
     # -- tokens ----------------------------------------------------------------------------
 
+    @property
+    def has_tokenizer(self) -> bool:
+        """False for GGUFs without a vocabulary (llama.cpp would abort when asked to tokenize)."""
+        return llama_lib.llama_vocab_type(self._vocab) != llama_lib.LLAMA_VOCAB_TYPE_NONE
+
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        if not self.has_tokenizer:
+            raise EngineError("this model has no tokenizer (its GGUF carries no vocabulary)", path=self.model_path,
+                              hint="feed token ids directly")
         data = text.encode("utf-8")
         n_max = len(data) + 16
         buf = (llama_lib.llama_token * n_max)()

@@ -68,7 +68,10 @@ def verify(model: Path, adapter: Path | None = None, *, n_tokens: int = 256, n_t
 
             raise AdapterError("no δ-mem adapter to verify (none given, bundled or next to the model)", path=model)
         adapter_path = eng.adapter.path
-        ids = eng.tokenize(TEXT * (1 + n_tokens // 40))[:n_tokens]
+        if eng.has_tokenizer:
+            ids = eng.tokenize(TEXT * (1 + n_tokens // 40))[:n_tokens]
+        else:  # a vocabulary-less test model: fixed pseudo-random ids
+            ids = [int(t) for t in np.random.default_rng(0).integers(0, eng.n_vocab, n_tokens)]
         s = eng.session()
         eng_logits = s.feed(ids)
         eng_state = s.state()

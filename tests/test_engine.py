@@ -444,3 +444,10 @@ def test_mixed_sequence_batch_is_refused_not_crashed(tiny, tmp_path):
             llama_lib.llama_batch_free(batch)
         s = eng.session()  # still usable
         assert s.feed(RNG_IDS[:3]).shape == (3, 256)
+
+
+def test_tokenizing_without_a_vocabulary_is_an_error_not_an_abort(tiny):
+    with engine(tiny["qwen3"], False) as eng:
+        assert not eng.has_tokenizer
+        with pytest.raises(EngineError, match="no tokenizer"):
+            eng.tokenize("hello")
