@@ -21,6 +21,8 @@ def bench(
         "--out", help="Folder for the JSON and PNG (default docs/bench; the table then goes to docs/benchmarks.md, "
                       "else to OUT/benchmarks.md).")] = None,
     no_aa: bool = typer.Option(False, "--no-aa", help="Skip the A/A twin process (b2); faster, but no noise band."),
+    variants: str = typer.Option(None, "--variants", help="Only these slots, e.g. 'b,c' for the δ-mem overhead alone "
+                                                          "(a stock, b patched, b2 A/A twin, c writes on, d writes off)."),
     no_callgrind: bool = typer.Option(False, "--no-callgrind", help="Skip the instruction counts (valgrind)."),
     prefill: int = typer.Option(None, "--prefill", min=1, help="Longest prefill in tokens (default 2048; measured "
                                                                "in 512-token calls, the first gives the 512 figure)."),
@@ -70,6 +72,11 @@ def bench(
         kw["seq_lengths_for"] = {}
     if callgrind_prefill is not None:
         kw["callgrind_prefill"] = {m: callgrind_prefill for m in kw["models"]}
+    if variants:
+        chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+        if not chosen or any(v not in B.Plan.slots for v in chosen):
+            raise typer.BadParameter(f"--variants takes a comma list of {', '.join(B.Plan.slots)}")
+        kw["slots"] = tuple(v for v in B.Plan.slots if v in chosen)
     if no_aa:
         kw["slots"] = tuple(s for s in kw.get("slots", B.Plan.slots) if s != "b2")
     plan = B.Plan(**kw, threads=threads, n_gpu_layers=gpu_layers, callgrind=not no_callgrind, profile=profile,

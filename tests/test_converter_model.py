@@ -263,6 +263,10 @@ ADAPTERS = {
     "qwen3": dict(rank=8, num_state_heads=1, delta_heads=["q", "o"], couple_lambda=True),
     # everything the permutation touches: δ_q and δ_k (k has its own head count), plus v, o, λ, H=2
     "llama": dict(rank=4, num_state_heads=2, delta_heads=["q", "k", "v", "o"], couple_lambda=False),
+    # MSW with scalar gates (one per head, expanded by the converter) and trainable per-head scales
+    "qwen3-msw": dict(rank=4, num_state_heads=4, delta_heads=["q", "k", "v", "o"], couple_lambda=False,
+                      rankwise_gates=False, trainable_delta_scale=True, delta_scale_granularity="head",
+                      delta_scale_max=2.0),
 }
 
 
@@ -278,6 +282,7 @@ def write_upstream_adapter(path: Path, hf_cfg: Any, over: dict[str, Any], seed: 
     outs = {"q": hf_cfg.num_attention_heads * hd, "k": hf_cfg.num_key_value_heads * hd,
             "v": hf_cfg.num_key_value_heads * hd, "o": d}
     big_r = cfg["rank"] * cfg["num_state_heads"]
+    gates = big_r if cfg["rankwise_gates"] else cfg["num_state_heads"]
 
     def rnd(*shape: int, std: float = 0.3) -> Any:
         return torch.randn(*shape, generator=g) * std
@@ -289,11 +294,14 @@ def write_upstream_adapter(path: Path, hf_cfg: Any, over: dict[str, Any], seed: 
             weights[p + name] = rnd(big_r, d)
         for h in "qkvo":  # inactive heads are saved as zeros, as upstream does
             weights[p + f"delta_{h}_proj"] = rnd(outs[h], big_r) if h in cfg["delta_heads"] else torch.zeros(outs[h], big_r)
-        weights[p + "beta_proj"] = rnd(big_r, d)
-        weights[p + "beta_bias"] = rnd(big_r, std=0.5)
+        weights[p + "beta_proj"] = rnd(gates, d)
+        weights[p + "beta_bias"] = rnd(gates, std=0.5)
         if not cfg["couple_lambda"]:
-            weights[p + "lambda_proj"] = rnd(big_r, d)
-            weights[p + "lambda_bias"] = rnd(big_r, std=0.5)
+            weights[p + "lambda_proj"] = rnd(gates, d)
+            weights[p + "lambda_bias"] = rnd(gates, std=0.5)
+        if cfg["trainable_delta_scale"]:
+            n_scales = 4 if cfg.get("delta_scale_granularity") == "head" else 1
+            weights[p + "delta_scale_raw"] = rnd(n_scales, std=1.0)
     path.mkdir(parents=True)
     (path / "delta_mem_config.json").write_text(json.dumps(cfg, indent=2))
     torch.save(weights, path / "delta_mem_adapter.pt")
@@ -325,13 +333,21 @@ def hf_reference(hf: dict[str, Any], ids: list[int], upstream: dict[str, Any] | 
         if acfg is not None:
             lw = {k_[len(p + "self_attn.") :]: t.double().numpy() for k_, t in upstream["weights"].items()
                   if k_.startswith(p + "self_attn.")}
+            scale_raw = lw.pop("delta_scale_raw", None)
             lw = {n: t for n, t in lw.items() if not (n.startswith("delta_") and n[6] not in acfg.delta_heads)}
+            if not u["rankwise_gates"]:  # one gate per state head, shared by its r rows (§1.4)
+                for n in ("beta_proj", "beta_bias", "lambda_proj", "lambda_bias"):
+                    if n in lw:
+                        lw[n] = np.repeat(lw[n], acfg.rank, axis=0)
             mi = memory_inputs(a, lw, acfg)
             reads = np.empty_like(mi.v)
             for h in range(acfg.state_heads):
                 reads[:, h], _ = delta_scan(mi.q[:, h], mi.k[:, h], mi.v[:, h], mi.keep[:, h], mi.erase[:, h],
                                             mi.write[:, h], np.zeros((acfg.rank, acfg.rank)))
             deltas = delta_outputs(reads.reshape(T, acfg.R), lw, acfg)
+            if scale_raw is not None:  # c_h = sigmoid(raw[h]) · delta_scale_max (§1.6)
+                c = 1.0 / (1.0 + np.exp(-scale_raw)) * u["delta_scale_max"]
+                deltas = {h: d_ * c["qkvo".index(h) if len(c) == 4 else 0] for h, d_ in deltas.items()}
             q, k, v = q + deltas.get("q", 0.0), k + deltas.get("k", 0.0), v + deltas.get("v", 0.0)
         q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
         if kind == "qwen3":
@@ -352,12 +368,13 @@ def _rel(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("hf_case", ["qwen3", "llama"], indirect=True)
-def test_upstream_adapter_end_to_end(hf_case, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("hf_case,variant", [("qwen3", "qwen3"), ("llama", "llama"), ("qwen3", "qwen3-msw")],
+                         indirect=["hf_case"])
+def test_upstream_adapter_end_to_end(hf_case, variant: str, tmp_path: Path, monkeypatch) -> None:
     hf, base = hf_case
     kind = hf["kind"]
     ids = _ids(hf)
-    up = write_upstream_adapter(tmp_path / "upstream", hf["cfg"], ADAPTERS[kind], seed=5)
+    up = write_upstream_adapter(tmp_path / "upstream", hf["cfg"], ADAPTERS[variant], seed=5)
 
     # the HF-order reference is right: without δ-mem it is transformers itself
     with torch.no_grad():
