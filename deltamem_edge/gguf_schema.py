@@ -58,7 +58,7 @@ ROW_ORDER_GDN = "gdn"
 
 DEFAULT_NORM_EPS = 1e-6
 DEFAULT_GATE_CLAMP = 20.0
-MAX_RANK = 32  # the engine pads each state row to 32 keys (CUDA/Metal kernel size)
+MAX_RANK = 32  # the engine pads each state row to 16 or 32 keys (GPU scan kernel sizes)
 
 # Tensor names; ``{bid}`` is the base layer index, as in gguf-py's MODEL_TENSOR names.
 TENSOR_IN = "blk.{bid}.dmem_in.weight"  # ne [n_embd, 4R or 5R]: q, k, v, beta(, lambda)

@@ -25,7 +25,7 @@ WORK=${CUDA_CHECK_WORK:-${TMPDIR:-/tmp}/dmem-cuda-check}
 # the kernels of every op in the δ-mem graph (llama-dmem.cpp), plus the backend itself
 DMEM_SET=(
     gated_delta_net.cu   # GATED_DELTA_NET, the scan
-    pad.cu               # ggml_pad_ext (no-op step, zero padding to P = 32)
+    pad.cu               # ggml_pad_ext (no-op step, zero padding to P = 16 or 32)
     getrows.cu           # state rows of the ubatch's sequences
     set-rows.cu          # state write-back
     unary.cu             # tanh, softplus, exp, neg, sigmoid

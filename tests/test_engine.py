@@ -62,6 +62,9 @@ CASES = [
     ("qwen3", dict(rank=4, update_mode="lambda_outside", couple_lambda=False)),
     ("llama", dict(rank=4, update_mode="no_lambda")),
     ("qwen3", dict(rank=32, state_heads=1, delta_heads="o")),
+    # the engine pads state rows to P = 16 keys up to rank 16 and to 32 above: both sides of the edge
+    ("qwen3", dict(rank=16, state_heads=2, delta_heads="q,k,o")),
+    ("llama", dict(rank=17, state_heads=1, delta_heads="q,v,o")),
     ("llama", dict(rank=4, layers=[1])),
 ]
 

@@ -266,6 +266,7 @@ def build(config: BuildConfig | None = None, *, force: bool = False) -> Path:
     config = config or BuildConfig(default_backend())
     out = library_dir(config)
     if not force and _lib_file(out).exists():
+        os.utime(out)  # most recently used: pruning keeps it
         return out
     if os.environ.get("DELTAMEM_LIB_DIR") and config.patched:
         raise BuildError("DELTAMEM_LIB_DIR points at a folder without libllama", path=out)
@@ -328,16 +329,24 @@ def _install_libs(bin_dir: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def _prune_old(root: Path, keep: int = 6) -> None:
-    """Keep the newest `keep` build folders and libraries; old keys only waste disk."""
+def _prune_old(root: Path, keep: int = 3) -> None:
+    """Keep the newest `keep` build folders and libraries of each kind; old keys only waste disk.
+
+    Kinds (``cpu``, ``cpu-stock``, ``cuda``, …) are pruned separately: the stock library is rebuilt
+    rarely, and evicting it because the patched one was rebuilt often would cost a cold build.
+    """
     for sub in ("build", "lib"):
         folder = root / sub
         if not folder.is_dir():
             continue
-        entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")),
-                         key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in entries[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+        kinds: dict[str, list[Path]] = {}
+        for entry in folder.iterdir():
+            if not entry.name.startswith("."):
+                kinds.setdefault(entry.name.rsplit("-", 1)[0], []).append(entry)
+        for entries in kinds.values():
+            entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in entries[keep:]:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

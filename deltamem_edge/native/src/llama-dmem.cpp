@@ -13,11 +13,19 @@
 //
 // The scan reuses the existing GATED_DELTA_NET op so that CPU, CUDA and Metal
 // need no new kernels.  Mapping (design note llama-engine.md §3.3):
-//   * state row i of head h -> GDN head i*H+h (value slot 0, keys 0..r-1), padded to P=32;
+//   * state row i of head h -> GDN head i*H+h (value slot 0, keys 0..r-1), padded to P keys:
+//     P = 16 when rank <= 16 and every device of the adapter's layers runs a 16-wide scan
+//     (CPU, CUDA, Vulkan), else 32 (Metal's kernel is 32-wide at least); the scan's work and the
+//     state traffic grow with P^2, so 16 is 4x less of both for the usual rank 8;
 //   * keep/erase/write coefficients -> log-decay g, β' = erase/keep, v' = write·v·keep/erase;
 //   * a no-op step is prepended to k/v/g/β and a zero step appended to q, so token t reads
 //     the state BEFORE its own update (δ-mem is read-before-write, GDN is write-then-read);
-//   * the kernel's 1/sqrt(P) output scale is undone together with the δ scale alpha/rank.
+//   * the kernel's 1/sqrt(P) output scale is undone together with the δ scale alpha/rank, both
+//     folded into the δ output weights when the adapter is loaded (one node less per layer).
+//
+// δ output weights (W_dq/W_dk/W_dv/W_do, [R, out] in the file) are kept as f32 [out, R] on
+// devices that run OUT_PROD (the CPU always): a rank-8 read times W as a matmul is `out` dot
+// products of length 8, dominated by per-dot overhead; as an outer product it is 8 long axpys.
 
 #include "llama-dmem.h"
 #include "llama-deltamem.h"
@@ -54,7 +62,7 @@
 namespace {
 
 constexpr uint32_t    DMEM_SCHEMA_VERSION = 1;
-constexpr int64_t     DMEM_P              = 32;   // padded key/value size of a GDN head
+constexpr int64_t     DMEM_P_MAX          = 32;   // largest padded key/value size of a GDN head = max rank
 constexpr const char * DMEM_MARKER        = ".dmem_";
 constexpr const char * KP                 = "adapter.deltamem.";
 
@@ -93,6 +101,7 @@ struct llama_dmem_layer {
     ggml_tensor * w_dv     = nullptr; // [R, V_out]
     ggml_tensor * w_do     = nullptr; // [R, n_embd]
     ggml_tensor * do_norm  = nullptr; // [n_embd]
+    bool          out_t    = false;   // δ output weights stored f32 [out, R], pre-scaled (see top)
 };
 
 struct llama_dmem_adapter {
@@ -100,6 +109,7 @@ struct llama_dmem_adapter {
 
     int64_t   rank  = 0;
     int64_t   heads = 0;
+    int64_t   P     = DMEM_P_MAX; // padded key size of one GDN head (16 or 32, see the top of the file)
     float     alpha = 0.0f;
     dmem_mode mode  = dmem_mode::standard;
     bool      couple_lambda = true;
@@ -235,10 +245,23 @@ llm_graph_input_dmem * find_input(const llm_graph_context & g) {
     return nullptr;
 }
 
-// rows [off, off+n) of a [nrows, n] projection, made contiguous
+// rows [off, off+n) of a [nrows, n] projection, made contiguous (already so for one token)
 ggml_tensor * proj_rows(ggml_context * ctx, ggml_tensor * proj, int64_t off, int64_t n) {
     ggml_tensor * v = ggml_view_2d(ctx, proj, n, proj->ne[1], proj->nb[1], off * ggml_element_size(proj));
-    return ggml_cont(ctx, v);
+    return ggml_is_contiguous(v) ? v : ggml_cont(ctx, v);
+}
+
+// rows [off, off+R) of a [nrows, T*B] projection as a strided [1, R, T, B] view (no copy: the
+// element-wise ops and pads that read it take strides on every backend)
+ggml_tensor * proj_gates(ggml_context * ctx, ggml_tensor * proj, int64_t off, int64_t R, int64_t T, int64_t B) {
+    const size_t f = ggml_element_size(proj);
+    return ggml_view_4d(ctx, proj, 1, R, T, B, f, proj->nb[1], proj->nb[1] * T, off * f);
+}
+
+// a δ correction [out, n_tokens] from the reads [R, n_tokens]; the weights carry the δ scale
+ggml_tensor * dmem_delta(ggml_context * ctx, const llama_dmem_layer & L, ggml_tensor * w, ggml_tensor * reads) {
+    return L.out_t ? ggml_out_prod(ctx, w, ggml_transpose(ctx, reads)) // w: [out, R]
+                   : ggml_mul_mat(ctx, w, reads);                       // w: [R, out]
 }
 
 // memory q, k, v and the GDN gates for T steps of B sequences, from a [4R|5R, T*B] projection
@@ -254,14 +277,16 @@ dmem_steps dmem_inputs(ggml_context * ctx, const llama_dmem_adapter & A, const l
                        ggml_tensor * proj, int64_t T, int64_t B, bool write) {
     const int64_t r = A.rank, H = A.heads, R = A.rows();
     dmem_steps st;
-    st.q = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 0, R), r, H, T, B);
-    st.k = ggml_reshape_4d(ctx, proj_rows(ctx, proj, R, R), r, H, T, B);
-    ggml_tensor * v  = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 2 * R, R), 1, R, T, B);
-    ggml_tensor * zb = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 3 * R, R), 1, R, T, B);
+    // q and k side by side: [r, 2H, T, B] (q heads first), normalised together, then two views
+    ggml_tensor * qk = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 0, 2 * R), r, 2 * H, T, B);
     if (A.normalize_qk) {
-        st.q = ggml_l2_norm(ctx, ggml_tanh(ctx, st.q), A.norm_eps);
-        st.k = ggml_l2_norm(ctx, ggml_tanh(ctx, st.k), A.norm_eps);
+        qk = ggml_l2_norm(ctx, ggml_tanh(ctx, qk), A.norm_eps);
     }
+    const size_t f = ggml_element_size(qk);
+    st.q = ggml_view_4d(ctx, qk, r, H, T, B, qk->nb[1], qk->nb[2], qk->nb[3], 0);
+    st.k = ggml_view_4d(ctx, qk, r, H, T, B, qk->nb[1], qk->nb[2], qk->nb[3], R * f);
+    ggml_tensor * v  = proj_gates(ctx, proj, 2 * R, R, T, B);
+    ggml_tensor * zb = proj_gates(ctx, proj, 3 * R, R, T, B);
 
     // gate pre-activations, clamped: exp/softplus of |z| > ~88 would give inf and then NaN
     // in the state, which would poison a saved memory forever; σ(±20) is 1/0 in fp32 anyway
@@ -269,7 +294,7 @@ dmem_steps dmem_inputs(ggml_context * ctx, const llama_dmem_adapter & A, const l
     zb = ggml_clamp(ctx, zb, -A.gate_clamp, A.gate_clamp);
     ggml_tensor * zl = nullptr;
     if (A.uses_lambda()) {
-        zl = ggml_reshape_4d(ctx, proj_rows(ctx, proj, 4 * R, R), 1, R, T, B);
+        zl = proj_gates(ctx, proj, 4 * R, R, T, B);
         zl = ggml_add(ctx, zl, ggml_reshape_4d(ctx, L.b_lambda, 1, R, 1, 1));
         zl = ggml_clamp(ctx, zl, -A.gate_clamp, A.gate_clamp);
     }
@@ -312,7 +337,7 @@ dmem_steps dmem_inputs(ggml_context * ctx, const llama_dmem_adapter & A, const l
 // the scan: GATED_DELTA_NET with one head per state row; returns its packed output
 // (reads [P, R, T+1, B] then the final states [P, P, R, B])
 ggml_tensor * dmem_scan(ggml_context * ctx, const llama_dmem_adapter & A, const dmem_steps & st, ggml_tensor * s0) {
-    const int64_t P = DMEM_P, r = A.rank;
+    const int64_t P = A.P, r = A.rank;
     // read-before-write: no-op step in front of k/v/g/β, zero step after q
     ggml_tensor * qp = ggml_pad_ext(ctx, st.q,    0, P - r, 0, 0, 0, 1, 0, 0); // [P, H, T+1, B]
     ggml_tensor * kp = ggml_pad_ext(ctx, st.k,    0, P - r, 0, 0, 1, 0, 0, 0); // [P, H, T+1, B]
@@ -325,10 +350,17 @@ ggml_tensor * dmem_scan(ggml_context * ctx, const llama_dmem_adapter & A, const 
 }
 
 // final states [P*P*R, B] inside a scan output of T steps
-ggml_tensor * scan_states(ggml_context * ctx, ggml_tensor * out, int64_t R, int64_t T, int64_t B) {
-    const int64_t P = DMEM_P;
+ggml_tensor * scan_states(ggml_context * ctx, ggml_tensor * out, int64_t P, int64_t R, int64_t T, int64_t B) {
     const size_t f = sizeof(float);
     return ggml_view_2d(ctx, out, P * P * R, B, P * P * R * f, P * R * (T + 1) * B * f);
+}
+
+// the reads of a scan output of T steps as [R, T*B] (value slot 0 of every head, without the
+// appended zero step)
+ggml_tensor * scan_reads(ggml_context * ctx, ggml_tensor * out, int64_t P, int64_t R, int64_t T, int64_t B) {
+    const size_t f = sizeof(float);
+    ggml_tensor * reads = ggml_view_4d(ctx, out, 1, R, T, B, P * f, P * R * f, P * R * (T + 1) * f, 0);
+    return ggml_reshape_2d(ctx, ggml_cont(ctx, reads), R, T * B);
 }
 
 // SSW: the averaging matrix for this call's message ids (ascending ids = slot order), or
@@ -366,7 +398,7 @@ void llama_dmem_build_qkv(const llm_graph_context & g, ggml_tensor * cur,
     }
 
     ggml_context * ctx = g.ctx0;
-    const int64_t P = DMEM_P;
+    const int64_t P = A.P;
     const int64_t R = A.rows();
     const int64_t n_tokens = cur->ne[1];
 
@@ -400,29 +432,26 @@ void llama_dmem_build_qkv(const llm_graph_context & g, ggml_tensor * cur,
     const bool token_writes = dc->write && !segments;
     ggml_tensor * out = dmem_scan(ctx, A, dmem_inputs(ctx, A, *L, proj, T, B, token_writes), s0);
 
-    const size_t f = sizeof(float);
-    ggml_tensor * reads = ggml_view_4d(ctx, out, 1, R, T, B, P * f, P * R * f, P * R * (T + 1) * f, 0);
-    reads = ggml_reshape_2d(ctx, ggml_cont(ctx, reads), R, n_tokens);
-    reads = ggml_scale(ctx, reads, (A.alpha / (float) A.rank) * sqrtf((float) P));
+    ggml_tensor * reads = scan_reads(ctx, out, P, R, T, B); // unscaled: W_d* carry the scale
     ggml_set_name(reads, "dmem_reads");
     inp->reads[il] = reads;
 
     if (token_writes) {
-        ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, store, scan_states(ctx, out, R, T, B), inp->rows));
+        ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, store, scan_states(ctx, out, P, R, T, B), inp->rows));
     } else if (segments) {
         // one step per message: the mean attention input of its tokens in this call, ids ascending
         const int64_t S = inp->n_slots;
         ggml_tensor * means = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_transpose(ctx, cur)), inp->avg); // [n_embd, S]
         ggml_tensor * sproj = ggml_mul_mat(ctx, L->w_in, means);
         ggml_tensor * sout  = dmem_scan(ctx, A, dmem_inputs(ctx, A, *L, sproj, S, 1, true), s0);
-        ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, store, scan_states(ctx, sout, R, S, 1), inp->rows));
+        ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, store, scan_states(ctx, sout, P, R, S, 1), inp->rows));
     }
 
     auto add_delta = [&](ggml_tensor *& dst, ggml_tensor * w) {
         if (w == nullptr) {
             return;
         }
-        ggml_tensor * d = ggml_mul_mat(ctx, w, reads); // [out, n_tokens]
+        ggml_tensor * d = dmem_delta(ctx, *L, w, reads); // [out, n_tokens]
         if (reshaped) {
             d = ggml_reshape_3d(ctx, d, dst->ne[0], dst->ne[1], dst->ne[2]);
         }
@@ -446,7 +475,7 @@ ggml_tensor * llama_dmem_build_out(const llm_graph_context & g, ggml_tensor * cu
         return cur; // build_qkv was not used for this layer (refused at attach for such archs)
     }
     ggml_context * ctx = g.ctx0;
-    ggml_tensor * d = ggml_mul_mat(ctx, L->w_do, inp->reads[il]);
+    ggml_tensor * d = dmem_delta(ctx, *L, L->w_do, inp->reads[il]);
     if (L->do_norm) {
         d = ggml_mul(ctx, ggml_rms_norm(ctx, d, g.dmem->adapter->do_rmsnorm_eps), L->do_norm);
     }
@@ -616,6 +645,35 @@ void expect_type(const ggml_tensor * t, bool matrix) {
     }
 }
 
+// whether `dev` runs the δ corrections as OUT_PROD (CPU, CUDA, Vulkan; not Metal at this commit)
+bool out_prod_ok(ggml_backend_dev_t dev, int64_t R) {
+    if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        return true;
+    }
+    ggml_init_params ip = { /*.mem_size =*/ 8 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
+    ggml_context_ptr ctx(ggml_init(ip));
+    ggml_tensor * w     = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, 128, R);
+    ggml_tensor * reads = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, R, 2);
+    return ggml_backend_dev_supports_op(dev, ggml_out_prod(ctx.get(), w, ggml_transpose(ctx.get(), reads)));
+}
+
+// whether `dev` runs the scan with P keys per head (CPU: any size; CUDA/Vulkan: 16..128; Metal: 32k)
+bool gdn_ok(ggml_backend_dev_t dev, int64_t P, int64_t H, int64_t R) {
+    if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        return true;
+    }
+    ggml_init_params ip = { /*.mem_size =*/ 8 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
+    ggml_context_ptr ctx(ggml_init(ip));
+    ggml_context * c = ctx.get();
+    ggml_tensor * q  = ggml_new_tensor_4d(c, GGML_TYPE_F32, P, H, 2, 1);
+    ggml_tensor * k  = ggml_new_tensor_4d(c, GGML_TYPE_F32, P, H, 2, 1);
+    ggml_tensor * v  = ggml_new_tensor_4d(c, GGML_TYPE_F32, P, R, 2, 1);
+    ggml_tensor * g  = ggml_new_tensor_4d(c, GGML_TYPE_F32, 1, R, 2, 1);
+    ggml_tensor * b  = ggml_new_tensor_4d(c, GGML_TYPE_F32, 1, R, 2, 1);
+    ggml_tensor * s0 = ggml_new_tensor_4d(c, GGML_TYPE_F32, P, P, R, 1);
+    return ggml_backend_dev_supports_op(dev, ggml_gated_delta_net(c, q, k, v, g, b, s0, 1));
+}
+
 void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path) {
     gguf_file gf;
     gguf_init_params params = { /*.no_alloc =*/ true, /*.ctx =*/ &gf.meta };
@@ -655,8 +713,8 @@ void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path
     A.model = model;
     A.rank  = get_u32(g, std::string(KP) + "rank");
     A.heads = get_u32(g, std::string(KP) + "state_heads");
-    if (A.rank < 1 || A.rank > DMEM_P) {
-        raise("rank %lld is outside 1..%lld", (long long) A.rank, (long long) DMEM_P);
+    if (A.rank < 1 || A.rank > DMEM_P_MAX) {
+        raise("rank %lld is outside 1..%lld", (long long) A.rank, (long long) DMEM_P_MAX);
     }
     if (A.heads < 1 || A.heads > 64) {
         raise("state_heads %lld is outside 1..64", (long long) A.heads);
@@ -768,7 +826,15 @@ void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path
 
     A.slot_of.assign(n_layer, -1);
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
-    std::vector<std::pair<ggml_tensor *, ggml_tensor *>> copies; // (file tensor, device tensor)
+    struct copy { ggml_tensor * src; ggml_tensor * dst; bool delta_out; bool transposed; };
+    std::vector<copy> copies; // file tensor -> device tensor
+    A.P = 16;
+    for (int il : layer_ids) {
+        if (A.rank > 16 || !gdn_ok(model->dev_layer(il), 16, A.heads, A.rows())) {
+            A.P = 32;
+        }
+    }
+    const float delta_scale = (A.alpha / (float) A.rank) * sqrtf((float) A.P); // see the top of the file
 
     for (int il : layer_ids) {
         const llama_layer & ml = model->layers[il];
@@ -816,7 +882,9 @@ void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path
         }
 
         // device copies on the layer's device (the plain buffer type: never a CPU repack buffer)
-        ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(model->dev_layer(il));
+        ggml_backend_dev_t dev = model->dev_layer(il);
+        L.out_t = out_prod_ok(dev, R);
+        ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(dev);
         ggml_context * dctx = ctx_of[buft];
         if (dctx == nullptr) {
             ggml_init_params ip = { /*.mem_size =*/ 8 * ggml_tensor_overhead() * layer_ids.size() + 1024,
@@ -833,9 +901,14 @@ void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path
                                                    &llama_dmem_layer::w_dk, &llama_dmem_layer::w_dv,
                                                    &llama_dmem_layer::w_do, &llama_dmem_layer::do_norm}) {
             if (L.*m) {
-                ggml_tensor * dt = ggml_dup_tensor(dctx, L.*m);
-                ggml_set_name(dt, (L.*m)->name);
-                copies.emplace_back(L.*m, dt);
+                ggml_tensor * src = L.*m;
+                const bool delta_out = m == &llama_dmem_layer::w_dq || m == &llama_dmem_layer::w_dk ||
+                                       m == &llama_dmem_layer::w_dv || m == &llama_dmem_layer::w_do;
+                ggml_tensor * dt = !delta_out ? ggml_dup_tensor(dctx, src)
+                                 : L.out_t    ? ggml_new_tensor_2d(dctx, GGML_TYPE_F32, src->ne[1], src->ne[0])
+                                              : ggml_new_tensor_2d(dctx, GGML_TYPE_F32, src->ne[0], src->ne[1]);
+                ggml_set_name(dt, src->name);
+                copies.push_back({ src, dt, delta_out, delta_out && L.out_t });
                 L.*m = dt;
             }
         }
@@ -869,7 +942,8 @@ void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path
     const long fsize = std::ftell(fp);
     const size_t data_off = gguf_get_data_offset(g);
     std::vector<uint8_t> buf;
-    for (auto & [src, dst] : copies) {
+    std::vector<float>   f32, out;
+    for (const auto & [src, dst, delta_out, transposed] : copies) {
         const int64_t tid = gguf_find_tensor(g, src->name);
         const size_t off  = data_off + gguf_get_tensor_offset(g, tid);
         const size_t n    = ggml_nbytes(src);
@@ -880,13 +954,31 @@ void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path
         if (std::fseek(fp, (long) off, SEEK_SET) != 0 || std::fread(buf.data(), 1, n, fp) != n) {
             raise("could not read tensor '%s'", src->name);
         }
-        ggml_backend_tensor_set(dst, buf.data(), 0, n);
+        if (!delta_out) {
+            ggml_backend_tensor_set(dst, buf.data(), 0, n);
+            continue;
+        }
+        // δ output weights: to f32, times the δ scale, transposed for OUT_PROD
+        const int64_t R = src->ne[0], n_out = src->ne[1], ne = R * n_out;
+        f32.resize(ne);
+        if (src->type == GGML_TYPE_F32) {
+            std::memcpy(f32.data(), buf.data(), ne * sizeof(float));
+        } else {
+            ggml_get_type_traits(src->type)->to_float(buf.data(), f32.data(), ne);
+        }
+        out.resize(ne);
+        for (int64_t o = 0; o < n_out; ++o) {
+            for (int64_t i = 0; i < R; ++i) {
+                out[transposed ? i * n_out + o : o * R + i] = f32[o * R + i] * delta_scale;
+            }
+        }
+        ggml_backend_tensor_set(dst, out.data(), 0, ne * sizeof(float));
     }
 }
 
 void alloc_store(llama_dmem_context & dc, const llama_model & model) {
     const llama_dmem_adapter & A = *dc.adapter;
-    const int64_t P = DMEM_P;
+    const int64_t P = A.P;
     dc.store.assign(model.hparams.n_layer(), nullptr);
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
     for (const auto & L : A.layers) {
@@ -918,7 +1010,7 @@ void alloc_store(llama_dmem_context & dc, const llama_model & model) {
 
 // padded per-layer row <-> compact [R, r] block, upstream row order h*r+i
 void compact_row(const llama_dmem_adapter & A, const float * padded, float * compact) {
-    const int64_t P = DMEM_P, r = A.rank, H = A.heads;
+    const int64_t P = A.P, r = A.rank, H = A.heads;
     for (int64_t h = 0; h < H; ++h) {
         for (int64_t i = 0; i < r; ++i) {
             const float * src = padded + (i * H + h) * P * P; // GDN head i*H+h, value slot 0
@@ -928,7 +1020,7 @@ void compact_row(const llama_dmem_adapter & A, const float * padded, float * com
 }
 
 void expand_row(const llama_dmem_adapter & A, const float * compact, float * padded) {
-    const int64_t P = DMEM_P, r = A.rank, H = A.heads;
+    const int64_t P = A.P, r = A.rank, H = A.heads;
     std::memset(padded, 0, P * P * A.rows() * sizeof(float));
     for (int64_t h = 0; h < H; ++h) {
         for (int64_t i = 0; i < r; ++i) {
@@ -942,42 +1034,10 @@ void expand_row(const llama_dmem_adapter & A, const float * compact, float * pad
 // host and back per δ-mem layer).  Checks the adapter's real shapes (T = 2 incl. the no-op step, B = 1).
 void check_backends(const llama_dmem_adapter & A, const llama_model & model, uint32_t n_ubatch) {
     // CUDA/HIP/MUSA/Vulkan run GATED_DELTA_NET only for head sizes 16/32/64/128 (CUDA's supports_op
-    // says yes to any size and then aborts inside the kernel): P is fixed at 32, so this always holds
-    static_assert(DMEM_P == 16 || DMEM_P == 32 || DMEM_P == 64 || DMEM_P == 128, "GPU GDN head sizes");
-    const int64_t P = DMEM_P, r = A.rank, H = A.heads, R = A.rows();
-    ggml_init_params ip = { /*.mem_size =*/ 64 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
-    ggml_context_ptr ctx_ptr(ggml_init(ip));
-    ggml_context * ctx = ctx_ptr.get();
-    // the scan sub-graph of llama_dmem_build_qkv, with the adapter's shapes
-    ggml_tensor * q  = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, r, H, 1, 1);
-    ggml_tensor * zb = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, 1, R, 1, 1);
-    ggml_tensor * qn = ggml_l2_norm(ctx, ggml_tanh(ctx, q), A.norm_eps);
-    ggml_tensor * zc = ggml_clamp(ctx, zb, -A.gate_clamp, A.gate_clamp);
-    ggml_tensor * g  = ggml_neg(ctx, ggml_softplus(ctx, zc));
-    ggml_tensor * bt = ggml_exp(ctx, zc);
-    ggml_tensor * vi = ggml_mul(ctx, zb, ggml_exp(ctx, g));
-    ggml_tensor * sg = ggml_sigmoid(ctx, zc);
-    ggml_tensor * qp = ggml_pad_ext(ctx, qn, 0, P - r, 0, 0, 0, 1, 0, 0);
-    ggml_tensor * kp = ggml_pad_ext(ctx, qn, 0, P - r, 0, 0, 1, 0, 0, 0);
-    ggml_tensor * vp = ggml_pad_ext(ctx, vi, 0, P - 1, 0, 0, 1, 0, 0, 0);
-    ggml_tensor * gp = ggml_pad_ext(ctx, g,  0, 0,     0, 0, 1, 0, 0, 0);
-    ggml_tensor * bp = ggml_pad_ext(ctx, bt, 0, 0,     0, 0, 1, 0, 0, 0);
-    ggml_tensor * st = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, P * P * R, 4);
-    ggml_tensor * ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
-    ggml_tensor * s0 = ggml_reshape_4d(ctx, ggml_get_rows(ctx, st, ids), P, P, R, 1);
-    ggml_tensor * out = ggml_gated_delta_net(ctx, qp, kp, vp, gp, bp, s0, 1);
-    ggml_tensor * s1 = ggml_view_2d(ctx, out, P * P * R, 1, P * P * R * sizeof(float), P * R * 2 * sizeof(float));
-    std::vector<ggml_tensor *> nodes = { qn->src[0], qn, zc, g->src[0], g, bt, vi, sg, qp, vp, gp, bp, s0->src[0], out,
-                                         ggml_set_rows(ctx, st, s1, ids) };
-    // the projections, with the adapter's weight types (F32/F16/BF16)
-    const llama_dmem_layer & L0 = A.layers.front();
-    ggml_tensor * x     = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, L0.w_in->ne[0], 1);
-    ggml_tensor * reads = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, R, 1);
-    nodes.push_back(ggml_mul_mat(ctx, L0.w_in, x));
-    for (ggml_tensor * w : { L0.w_dq, L0.w_dk, L0.w_dv, L0.w_do }) {
-        if (w) {
-            nodes.push_back(ggml_mul_mat(ctx, w, reads));
-        }
+    // says yes to any size and then aborts inside the kernel): P is 16 or 32, so this always holds
+    const int64_t P = A.P, r = A.rank, H = A.heads, R = A.rows();
+    if (P != 16 && P != 32) {
+        raise("internal: padded scan size %lld is not 16 or 32", (long long) P);
     }
     std::set<ggml_backend_dev_t> seen;
     for (const auto & L : A.layers) {
@@ -985,15 +1045,48 @@ void check_backends(const llama_dmem_adapter & A, const llama_model & model, uin
         if (!seen.insert(dev).second || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
             continue;
         }
-        std::string missing;
-        for (ggml_tensor * n : nodes) {
-            if (!ggml_backend_dev_supports_op(dev, n)) {
-                missing += std::string(missing.empty() ? "" : ", ") + ggml_op_desc(n);
+        // the real δ-mem sub-graph of this layer (same builders as llama_dmem_build_qkv), for a
+        // 2-token call (strided views as in prefill) with writes on, plus the read-only gates
+        const size_t n_max = 256;
+        ggml_init_params ip = { /*.mem_size =*/ n_max * ggml_tensor_overhead() + ggml_graph_overhead_custom(n_max, false),
+                                /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
+        ggml_context_ptr ctx_ptr(ggml_init(ip));
+        ggml_context * ctx = ctx_ptr.get();
+        const int64_t T = 2;
+        ggml_tensor * x     = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, L.w_in->ne[0], T);
+        ggml_tensor * store = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, P * P * R, 4);
+        ggml_tensor * ids   = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
+        ggml_tensor * proj  = ggml_mul_mat(ctx, L.w_in, x);
+        ggml_tensor * s0    = ggml_reshape_4d(ctx, ggml_get_rows(ctx, store, ids), P, P, R, 1);
+        ggml_tensor * out   = dmem_scan(ctx, A, dmem_inputs(ctx, A, L, proj, T, 1, true), s0);
+        ggml_tensor * reads = scan_reads(ctx, out, P, R, T, 1);
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_max, false);
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, store, scan_states(ctx, out, P, R, T, 1), ids));
+        ggml_build_forward_expand(gf, dmem_inputs(ctx, A, L, proj, T, 1, false).gate);
+        for (ggml_tensor * w : { L.w_dq, L.w_dk, L.w_dv, L.w_do }) {
+            if (w) {
+                ggml_build_forward_expand(gf, dmem_delta(ctx, L, w, reads));
+            }
+        }
+        if (L.do_norm) {
+            ggml_build_forward_expand(gf, ggml_rms_norm(ctx, reads, A.do_rmsnorm_eps));
+        }
+        std::set<std::string> missing;
+        for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+            ggml_tensor * n = ggml_graph_node(gf, i);
+            const bool is_view = n->op == GGML_OP_NONE || n->op == GGML_OP_VIEW || n->op == GGML_OP_RESHAPE ||
+                                 n->op == GGML_OP_PERMUTE || n->op == GGML_OP_TRANSPOSE;
+            if (!is_view && !ggml_backend_dev_supports_op(dev, n)) {
+                missing.insert(ggml_op_desc(n));
             }
         }
         if (!missing.empty()) {
+            std::string list;
+            for (const auto & m : missing) {
+                list += (list.empty() ? "" : ", ") + m;
+            }
             LLAMA_LOG_WARN("deltamem: %s cannot run %s for this adapter (rank %lld, %lld state heads); "
-                           "those δ-mem nodes run on the CPU\n", ggml_backend_dev_name(dev), missing.c_str(),
+                           "those δ-mem nodes run on the CPU\n", ggml_backend_dev_name(dev), list.c_str(),
                            (long long) r, (long long) H);
         }
         // ggml-metal's scan loops over tokens with a 16-bit counter: n_ubatch + 1 must fit
@@ -1171,8 +1264,8 @@ int32_t llama_dmem_state_get(struct llama_context * ctx, llama_seq_id seq, float
             raise("state buffer has %zu floats, expected %lld", n_floats, (long long) (block * A.layers.size()));
         }
         llama_synchronize(ctx);
-        const size_t row_bytes = DMEM_P * DMEM_P * A.rows() * sizeof(float);
-        std::vector<float> padded(DMEM_P * DMEM_P * A.rows());
+        const size_t row_bytes = A.P * A.P * A.rows() * sizeof(float);
+        std::vector<float> padded(A.P * A.P * A.rows());
         for (size_t l = 0; l < A.layers.size(); ++l) {
             ggml_backend_tensor_get(dc->store[A.layers[l].il], padded.data(), (size_t) seq * row_bytes, row_bytes);
             compact_row(A, padded.data(), dst + l * block);
@@ -1197,8 +1290,8 @@ int32_t llama_dmem_state_set(struct llama_context * ctx, llama_seq_id seq, const
             }
         }
         llama_synchronize(ctx);
-        const size_t row_bytes = DMEM_P * DMEM_P * A.rows() * sizeof(float);
-        std::vector<float> padded(DMEM_P * DMEM_P * A.rows());
+        const size_t row_bytes = A.P * A.P * A.rows() * sizeof(float);
+        std::vector<float> padded(A.P * A.P * A.rows());
         for (size_t l = 0; l < A.layers.size(); ++l) {
             expand_row(A, src + l * block, padded.data());
             ggml_backend_tensor_set(dc->store[A.layers[l].il], padded.data(), (size_t) seq * row_bytes, row_bytes);
@@ -1214,8 +1307,8 @@ int32_t llama_dmem_state_reset(struct llama_context * ctx, llama_seq_id seq) {
         llama_dmem_context * dc = checked_ctx(ctx, seq, true);
         const llama_dmem_adapter & A = *dc->adapter;
         llama_synchronize(ctx);
-        const size_t row_bytes = DMEM_P * DMEM_P * A.rows() * sizeof(float);
-        std::vector<float> zeros(DMEM_P * DMEM_P * A.rows(), 0.0f);
+        const size_t row_bytes = A.P * A.P * A.rows() * sizeof(float);
+        std::vector<float> zeros(A.P * A.P * A.rows(), 0.0f);
         for (const auto & L : A.layers) {
             for (uint32_t s = 0; s < dc->n_seq; ++s) {
                 if (seq < 0 || (uint32_t) seq == s) {
