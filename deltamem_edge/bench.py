@@ -693,6 +693,15 @@ One row per model and run; new runs append.
 """
 
 
+def latest_key(result: dict) -> str:
+    """Which "latest" block a run replaces: its profile, and for custom runs also its models and
+    thread count, so that a custom 4B run and a custom 1-thread SmolLM2 run each keep their table."""
+    if result["profile"] != "custom":
+        return result["profile"]
+    threads = (result.get("plan") or {}).get("threads")
+    return "custom:" + "+".join(sorted(result["models"])) + (f":t{threads}" if threads else "")
+
+
 def update_doc(doc: Path, result: dict, json_link: str, png_link: str | None) -> None:
     """Replace this profile's "latest" section and append history rows; text outside the markers stays."""
     if doc.exists():
@@ -708,7 +717,8 @@ def update_doc(doc: Path, result: dict, json_link: str, png_link: str | None) ->
     b, e = MARK["latest"]
     head, rest = text.split(b, 1)
     latest, tail = rest.split(e, 1)
-    pb, pe = f"<!-- profile:{result['profile']}:begin -->", f"<!-- profile:{result['profile']}:end -->"
+    key = latest_key(result)
+    pb, pe = f"<!-- profile:{key}:begin -->", f"<!-- profile:{key}:end -->"
     block = f"{pb}\n{render_run(result)}\n" + (f"![overhead vs prompt length]({png_link})\n\n" if png_link else "") \
         + f"Raw: [{json_link}]({json_link})\n{pe}"
     if pb in latest and pe in latest:

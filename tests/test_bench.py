@@ -139,6 +139,23 @@ def test_render_and_doc_history_append(tmp_path):
     assert "Test CPU" in text and "`deltamem-edge bench --quick`" in text
 
 
+def test_custom_runs_of_different_models_keep_their_own_latest_block(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    one, two = _fake_result("aaaaaaa"), _fake_result("bbbbbbb")
+    one["profile"] = two["profile"] = "custom"
+    two["models"] = {"other-" + k: v for k, v in two["models"].items()}
+    B.update_doc(doc, one, "bench/one.json", None)
+    B.update_doc(doc, two, "bench/two.json", None)
+    latest = doc.read_text().split(B.MARK["history"][0])[0]
+    assert "commit aaaaaaa" in latest and "commit bbbbbbb" in latest
+    B.update_doc(doc, _fake_result("ccccccc") | {"profile": "custom"}, "bench/three.json", None)
+    latest = doc.read_text().split(B.MARK["history"][0])[0]
+    assert "commit aaaaaaa" not in latest and "commit ccccccc" in latest and "commit bbbbbbb" in latest
+    B.update_doc(doc, _fake_result("ddddddd") | {"profile": "custom", "plan": {"threads": 1}}, "bench/4.json", None)
+    latest = doc.read_text().split(B.MARK["history"][0])[0]
+    assert "commit ccccccc" in latest and "commit ddddddd" in latest  # another thread count: its own block
+
+
 def test_plot_writes_a_png(tmp_path):
     p = B.plot_overhead(_fake_result(), tmp_path / "x.png")
     data = p.read_bytes()
