@@ -14,6 +14,8 @@ from pathlib import Path
 
 import typer
 
+from ._words import count
+
 HELP = """commands:
   /help          this list
   /stats         tokens written, turns, context use, per-layer state norms
@@ -115,14 +117,14 @@ def chat(
             if engine.adapter:
                 print(f"  adapter: {engine.adapter.path}{' (bundled)' if engine.adapter.bundled else ''}")
         if conv.memory_path:
-            state = "new" if conv.turns == 0 else f"{conv.turns} turns, {conv.tokens_written} tokens written"
+            state = "new" if conv.turns == 0 else f"{count(conv.turns, 'turn')}, {count(conv.tokens_written, 'token')} written"
             ro = ", read-only" if readonly else ""
             print(f"  memory: {conv.memory_path} ({state}{ro}; adapter {short(conv._adapter_fp)})")
         else:
             print("  memory: none (this conversation is forgotten when you quit)")
         if recall_turns:
             n = conv.recall(recall_turns, progress=_progress)
-            print(f"  recalled {n} turns into the context (read-only)")
+            print(f"  recalled {count(n, 'turn')} into the context (read-only)")
         print("type /help for commands")
         _loop(conv)
     finally:
@@ -173,7 +175,7 @@ def _loop(conv) -> None:  # noqa: ANN001
         print()
     saved = conv.save()
     if saved:
-        print(f"memory saved: {saved} ({conv.turns} turns, {conv.tokens_written} tokens written)")
+        print(f"memory saved: {saved} ({count(conv.turns, 'turn')}, {count(conv.tokens_written, 'token')} written)")
 
 
 def _command(conv, text: str) -> bool:  # noqa: ANN001
@@ -195,7 +197,7 @@ def _command(conv, text: str) -> bool:  # noqa: ANN001
         except ValueError:
             print("usage: /recall N")
             return True
-        print(f"recalled {conv.recall(n, progress=_progress)} turns (read-only)")
+        print(f"recalled {count(conv.recall(n, progress=_progress), 'turn')} (read-only)")
     elif cmd == "/reset":
         if _ask("erase this conversation's memory for good? [y/N] "):
             conv.reset_memory()

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from ._words import count
+
 
 def _when(us: int) -> str:
     import datetime
@@ -48,7 +50,7 @@ def inspect(
         print(f"  model:    {h.model_label or '-'}  [{h.model_fp.hex()[:16]}]")
         print(f"  adapter:  {h.adapter_label or '-'}  [{h.adapter_fp.hex()[:16]}]")
         print(f"  shape:    {h.n_layers} layers × {h.rows} rows × {h.rank} (state heads {h.state_heads})")
-        print(f"  written:  {h.tokens_written} tokens in {h.turns} turns")
+        print(f"  written:  {count(h.tokens_written, 'token')} in {count(h.turns, 'turn')}")
         print(f"  created:  {info['created']}   updated: {info['updated']}")
         print(f"  transcript: {len(mem.transcript)} recent messages")
         print("  per-layer state norm:")
