@@ -373,3 +373,15 @@ def write_random_adapter(
         couple_lambda=couple_lambda, normalize_qk=normalize_qk, alpha=alpha, dtype=dtype, bundle_into=bundle_into,
         write_granularity=write_granularity,
     )
+
+
+def write_unnormalized_qk_adapter(path: str | Path, base_path: str | Path, *, rank: int, seed: int = 2) -> Path:
+    """A random adapter with normalize_qk=False: raw memory q/k.
+
+    k is scaled down (×0.05) so that the delta rule stays contractive without the l2 norm; the
+    one recipe for every test of the unnormalised path.
+    """
+    weights = random_adapter_weights(base_path, rank=rank, seed=seed)
+    for w in weights.values():
+        w["memory_k_proj"] *= 0.05
+    return write_adapter(path, base_path, weights, rank=rank, normalize_qk=False)

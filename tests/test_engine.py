@@ -12,7 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ggufs import random_adapter_weights, write_adapter, write_random_adapter, write_tiny_model
+from ggufs import (
+    write_adapter,
+    write_random_adapter,
+    write_tiny_model,
+    write_unnormalized_qk_adapter,
+)
 
 from deltamem_edge import Engine
 from deltamem_edge.errors import AdapterError, EngineError
@@ -88,10 +93,7 @@ def test_logits_and_state_match_reference(tiny, tmp_path, arch, kw):
 
 def test_unnormalized_memory_qk_matches_reference(tiny, tmp_path):
     """normalize_qk=False: raw memory q/k; k is kept small so the delta rule stays contractive."""
-    weights = random_adapter_weights(tiny["qwen3"], rank=4, seed=2)
-    for w in weights.values():
-        w["memory_k_proj"] *= 0.05
-    adapter = write_adapter(tmp_path / "raw.dmem.gguf", tiny["qwen3"], weights, rank=4, normalize_qk=False)
+    adapter = write_unnormalized_qk_adapter(tmp_path / "raw.dmem.gguf", tiny["qwen3"], rank=4)
     ref = RefModel(tiny["qwen3"])
     rs = ref.session(RefAdapter(adapter, ref))
     ref_logits = rs.feed(RNG_IDS)

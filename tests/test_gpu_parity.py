@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ggufs import random_adapter_weights, write_adapter, write_random_adapter, write_tiny_model
+from ggufs import write_random_adapter, write_tiny_model, write_unnormalized_qk_adapter
 
 from deltamem_edge.reference import RefAdapter, RefModel
 
@@ -155,6 +155,13 @@ CASES = [
 ]
 
 
+def _reference(model: Path, adapter: Path, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """float64 numpy reference: logits for `ids` from a fresh state, and the state after them."""
+    ref = RefModel(model)
+    rs = ref.session(RefAdapter(adapter, ref))
+    return rs.feed(ids), rs.state()
+
+
 def _id(arch: str, kw: dict) -> str:
     return f"{arch}-" + "-".join(f"{k}={v}" for k, v in kw.items())
 
@@ -162,11 +169,8 @@ def _id(arch: str, kw: dict) -> str:
 @pytest.mark.parametrize("arch,kw", CASES, ids=[_id(a, k) for a, k in CASES])
 def test_gpu_matches_cpu_and_reference(tiny, tmp_path, arch, kw):
     adapter = write_random_adapter(tmp_path / "a.dmem.gguf", tiny[arch], seed=11, **kw)
-    ref = RefModel(tiny[arch])
-    rs = ref.session(RefAdapter(adapter, ref))
-    ref_logits = rs.feed(IDS)
-    ref_state = rs.state()
-    base = ref.session(None).feed(IDS)
+    ref_logits, ref_state = _reference(tiny[arch], adapter, IDS)
+    base = RefModel(tiny[arch]).session(None).feed(IDS)
     assert rel(ref_logits, base) > 0.1  # the adapter matters, or nothing below proves anything
 
     with cpu(tiny[arch], adapter) as e:
@@ -189,17 +193,12 @@ def test_gpu_matches_cpu_and_reference(tiny, tmp_path, arch, kw):
 
 
 def test_unnormalized_memory_qk_on_gpu(tiny, tmp_path):
-    weights = random_adapter_weights(tiny["qwen3"], rank=8, seed=2)
-    for w in weights.values():
-        w["memory_k_proj"] *= 0.05
-    adapter = write_adapter(tmp_path / "raw.dmem.gguf", tiny["qwen3"], weights, rank=8, normalize_qk=False)
-    ref = RefModel(tiny["qwen3"])
-    rs = ref.session(RefAdapter(adapter, ref))
-    ref_logits = rs.feed(IDS)
+    adapter = write_unnormalized_qk_adapter(tmp_path / "raw.dmem.gguf", tiny["qwen3"], rank=8)
+    ref_logits, ref_state = _reference(tiny["qwen3"], adapter, IDS)
     with gpu(tiny["qwen3"], adapter) as e:
         s = e.session()
         close(s.feed(IDS), ref_logits, GPU_TOL, "GPU logits vs reference")
-        close(s.state(), rs.state(), GPU_TOL, "GPU state vs reference")
+        close(s.state(), ref_state, GPU_TOL, "GPU state vs reference")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,10 +215,7 @@ LONG_CASES = [
 @pytest.mark.parametrize("arch,kw", LONG_CASES, ids=[_id(a, k) for a, k in LONG_CASES])
 def test_long_prompt_several_ubatches(tiny, tmp_path, arch, kw):
     adapter = write_random_adapter(tmp_path / "long.dmem.gguf", tiny[arch], seed=5, **kw)
-    ref = RefModel(tiny[arch])
-    rs = ref.session(RefAdapter(adapter, ref))
-    ref_logits = rs.feed(LONG)
-    ref_state = rs.state()
+    ref_logits, ref_state = _reference(tiny[arch], adapter, LONG)
     with gpu(tiny[arch], adapter, n_ctx=1024, n_batch=512) as e:  # 640 = 512 + 128
         s = e.session()
         big = s.feed(LONG)
@@ -358,11 +354,9 @@ def test_dmem_adds_no_graph_split(tiny, tmp_path, config):
 def test_defaults_f16_kv_and_flash_attn_auto_match_reference(tiny, tmp_path):
     """The production configuration (f16 KV cache, flash attention auto) runs and stays close."""
     adapter = write_random_adapter(tmp_path / "prod.dmem.gguf", tiny["qwen3"], rank=8, delta_heads="q,o")
-    ref = RefModel(tiny["qwen3"])
-    rs = ref.session(RefAdapter(adapter, ref))
-    ref_logits = rs.feed(IDS)
+    ref_logits, ref_state = _reference(tiny["qwen3"], adapter, IDS)
     with gpu(tiny["qwen3"], adapter, f32_kv=False, flash_attn=None) as e:
         s = e.session()
         err = close(s.feed(IDS), ref_logits, 5e-2, "f16 KV, FA auto: logits vs reference")
-        close(s.state(), rs.state(), 5e-2, "f16 KV, FA auto: state vs reference")
+        close(s.state(), ref_state, 5e-2, "f16 KV, FA auto: state vs reference")
     RESULTS.append({"case": "defaults-f16kv-FAauto", "gpu_vs_ref": err})

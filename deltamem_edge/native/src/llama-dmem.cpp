@@ -645,33 +645,37 @@ void expect_type(const ggml_tensor * t, bool matrix) {
     }
 }
 
-// whether `dev` runs the δ corrections as OUT_PROD (CPU, CUDA, Vulkan; not Metal at this commit)
-bool out_prod_ok(ggml_backend_dev_t dev, int64_t R) {
+// whether `dev` runs the op that `build` makes in a scratch context (the CPU runs every op we build)
+template <typename F>
+bool dev_runs(ggml_backend_dev_t dev, F build) {
     if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
         return true;
     }
     ggml_init_params ip = { /*.mem_size =*/ 8 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
     ggml_context_ptr ctx(ggml_init(ip));
-    ggml_tensor * w     = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, 128, R);
-    ggml_tensor * reads = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, R, 2);
-    return ggml_backend_dev_supports_op(dev, ggml_out_prod(ctx.get(), w, ggml_transpose(ctx.get(), reads)));
+    return ggml_backend_dev_supports_op(dev, build(ctx.get()));
+}
+
+// whether `dev` runs the δ corrections as OUT_PROD (CPU, CUDA, Vulkan; not Metal at this commit)
+bool out_prod_ok(ggml_backend_dev_t dev, int64_t R) {
+    return dev_runs(dev, [R](ggml_context * c) {
+        ggml_tensor * w     = ggml_new_tensor_2d(c, GGML_TYPE_F32, 128, R);
+        ggml_tensor * reads = ggml_new_tensor_2d(c, GGML_TYPE_F32, R, 2);
+        return ggml_out_prod(c, w, ggml_transpose(c, reads));
+    });
 }
 
 // whether `dev` runs the scan with P keys per head (CPU: any size; CUDA/Vulkan: 16..128; Metal: 32k)
 bool gdn_ok(ggml_backend_dev_t dev, int64_t P, int64_t H, int64_t R) {
-    if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
-        return true;
-    }
-    ggml_init_params ip = { /*.mem_size =*/ 8 * ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
-    ggml_context_ptr ctx(ggml_init(ip));
-    ggml_context * c = ctx.get();
-    ggml_tensor * q  = ggml_new_tensor_4d(c, GGML_TYPE_F32, P, H, 2, 1);
-    ggml_tensor * k  = ggml_new_tensor_4d(c, GGML_TYPE_F32, P, H, 2, 1);
-    ggml_tensor * v  = ggml_new_tensor_4d(c, GGML_TYPE_F32, P, R, 2, 1);
-    ggml_tensor * g  = ggml_new_tensor_4d(c, GGML_TYPE_F32, 1, R, 2, 1);
-    ggml_tensor * b  = ggml_new_tensor_4d(c, GGML_TYPE_F32, 1, R, 2, 1);
-    ggml_tensor * s0 = ggml_new_tensor_4d(c, GGML_TYPE_F32, P, P, R, 1);
-    return ggml_backend_dev_supports_op(dev, ggml_gated_delta_net(c, q, k, v, g, b, s0, 1));
+    return dev_runs(dev, [P, H, R](ggml_context * c) {
+        ggml_tensor * q  = ggml_new_tensor_4d(c, GGML_TYPE_F32, P, H, 2, 1);
+        ggml_tensor * k  = ggml_new_tensor_4d(c, GGML_TYPE_F32, P, H, 2, 1);
+        ggml_tensor * v  = ggml_new_tensor_4d(c, GGML_TYPE_F32, P, R, 2, 1);
+        ggml_tensor * g  = ggml_new_tensor_4d(c, GGML_TYPE_F32, 1, R, 2, 1);
+        ggml_tensor * b  = ggml_new_tensor_4d(c, GGML_TYPE_F32, 1, R, 2, 1);
+        ggml_tensor * s0 = ggml_new_tensor_4d(c, GGML_TYPE_F32, P, P, R, 1);
+        return ggml_gated_delta_net(c, q, k, v, g, b, s0, 1);
+    });
 }
 
 void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path) {
@@ -1031,7 +1035,7 @@ void expand_row(const llama_dmem_adapter & A, const float * compact, float * pad
 
 // Refuse at attach what a backend would abort on in the middle of a decode, and say which δ-mem
 // nodes a device cannot run (the scheduler then runs them on the CPU: correct, but a copy to the
-// host and back per δ-mem layer).  Checks the adapter's real shapes (T = 2 incl. the no-op step, B = 1).
+// host and back per δ-mem layer).  Checks the layer's real sub-graph for a 2-token call, B = 1.
 void check_backends(const llama_dmem_adapter & A, const llama_model & model, uint32_t n_ubatch) {
     // CUDA/HIP/MUSA/Vulkan run GATED_DELTA_NET only for head sizes 16/32/64/128 (CUDA's supports_op
     // says yes to any size and then aborts inside the kernel): P is 16 or 32, so this always holds
