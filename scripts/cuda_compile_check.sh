@@ -37,6 +37,7 @@ DMEM_SET=(
     mmvf.cu              # F32/F16/BF16 mat-vec (decode projections)
     mmf.cu               # F32/F16/BF16 small-batch mat-mat (TF32/FP16 mma)
     convert.cu           # F16/BF16 -> F32 for cuBLAS
+    out-prod.cu          # OUT_PROD (cuBLAS sgemm), the δ corrections
     ggml-cuda.cu         # dispatch, supports_op, fusion, CUDA graphs
 )
 
