@@ -160,6 +160,10 @@ def _problems(kind: str, adapter_type: Any, meta: dict[str, Any], dmem_tensors: 
         out.append("δ-mem tensors but no adapter.deltamem.* metadata")
         return out
     if not dmem_tensors:
+        if kind == "bundle":  # the keys survived a rewrite that dropped the tensors (llama-quantize does)
+            out.append("adapter.deltamem.* metadata but no δ-mem tensors: a tool that rewrote this file "
+                       "(llama.cpp's quantizer does) dropped them; quantize the plain base, then bundle again")
+            return out
         out.append("adapter.deltamem.* metadata but no δ-mem tensors")
     version = meta.get("version")
     if version != S.SCHEMA_VERSION:

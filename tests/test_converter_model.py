@@ -480,6 +480,32 @@ def test_inspect_other_adapter_source(small: dict[str, Path]) -> None:
     assert fp != inspect_gguf(small["adapter"])["fingerprint"]  # other weights, other fingerprint
 
 
+def test_quantized_bundle_that_lost_its_tensors_is_explained(small: dict[str, Path], tmp_path: Path) -> None:
+    """llama.cpp's quantizer keeps a bundle's δ-mem keys but drops its δ-mem tensors: say so, keep the model usable."""
+    from deltamem_edge.converter.model import quantize
+    from deltamem_edge.engine import LOST_TENSORS_HINT
+    from deltamem_edge.errors import AdapterError
+
+    quantized = tmp_path / "bundle.q4_0.gguf"
+    quantize(small["bundle"], quantized, "q4_0")
+    header = read_gguf_header(quantized)
+    assert header.get(S.KEY_VERSION) == S.SCHEMA_VERSION  # the keys survived ...
+    assert not [t.name for t in header.tensors if S.TENSOR_MARKER in t.name]  # ... the tensors did not
+
+    info = inspect_gguf(quantized)
+    assert info["kind"] == "bundle" and len(info["problems"]) == 1 and "dropped them" in info["problems"][0]
+    assert inspect_gguf(small["bundle"])["problems"] == []
+
+    with pytest.raises(AdapterError) as ei:
+        _engine(quantized, None)
+    assert str(quantized) in str(ei.value) and ei.value.hint == LOST_TENSORS_HINT
+    with pytest.raises(AdapterError) as ei:  # any other adapter failure keeps the generic hint
+        _engine(small["base"], small["garbage"])
+    assert ei.value.hint != LOST_TENSORS_HINT
+    with _engine(quantized, False) as eng:  # the base model itself is intact
+        assert eng.adapter is None and np.isfinite(eng.session().feed([1, 2, 3])).all()
+
+
 @pytest.mark.parametrize("which", ["garbage", "truncated", "empty", "missing", "directory"])
 def test_inspect_malformed_file_names_it(small: dict[str, Path], which: str) -> None:
     path = {"empty": small["dir"] / "empty.gguf", "missing": small["dir"] / "missing.gguf",
