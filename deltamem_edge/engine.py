@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from . import _bindings
-from . import gguf_schema as S
 from ._bindings import dmem, llama_lib
-from .errors import AdapterError, DeltaMemError, EngineError, ModelLoadError
+from .errors import AdapterError, EngineError, ModelLoadError
 
 ADAPTER_SUFFIX = ".dmem.gguf"  # converter default: <model stem>.dmem.gguf next to the model
 
@@ -57,39 +56,6 @@ def find_adapter_for(model_path: Path) -> Path | None:
         return model_path
     sidecar = model_path.with_name(model_path.name.removesuffix(".gguf") + ADAPTER_SUFFIX)
     return sidecar if sidecar.exists() else None
-
-
-def lost_deltamem_tensors(path: Path) -> bool:
-    """True for a bundle whose δ-mem keys survived but whose δ-mem tensors did not.
-
-    llama.cpp's quantizer (and other tools that rewrite a model GGUF through its
-    loader) copy every key but only the tensors the stock loader knows, so a
-    quantized bundle looks like a bundle and fails at the first missing tensor.
-    """
-    from .gguf_header import read_gguf_header  # gguf-py takes ~0.15 s to import: only on this error path
-
-    try:
-        header = read_gguf_header(path)
-    except DeltaMemError:
-        return False
-    return (
-        header.get(S.KEY_VERSION) is not None
-        and header.get(S.KEY_GENERAL_TYPE) != S.GENERAL_TYPE_ADAPTER
-        and not any(S.TENSOR_MARKER in t.name for t in header.tensors)
-    )
-
-
-LOST_TENSORS_HINT = (
-    "this bundle has δ-mem settings but no δ-mem tensors: a tool that rewrote it (llama.cpp's "
-    "quantizer does) dropped them. Quantize the plain base model, then bundle again with "
-    "`deltamem-edge convert adapter SRC --base BASE.gguf --bundle`"
-)
-
-
-def _adapter_hint(path: Path) -> str:
-    if lost_deltamem_tensors(path):
-        return LOST_TENSORS_HINT
-    return "convert upstream adapters with `deltamem-edge convert adapter`"
 
 
 class Engine:
@@ -181,7 +147,8 @@ class Engine:
             self.detach()
             handle = dmem.llama_dmem_adapter_init(self._model, str(path).encode())
             if not handle:
-                raise AdapterError(_strip_path(dmem.last_error(), path), path=path, hint=_adapter_hint(path))
+                raise AdapterError(_strip_path(dmem.last_error(), path), path=path,
+                                   hint="convert upstream adapters with `deltamem-edge convert adapter`")
             if dmem.llama_dmem_attach(self._ctx, handle) != 0:
                 dmem.llama_dmem_adapter_free(handle)
                 raise AdapterError(dmem.last_error(), path=path)

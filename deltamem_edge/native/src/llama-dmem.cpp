@@ -127,6 +127,7 @@ struct llama_dmem_adapter {
     std::vector<ggml_backend_buffer_ptr> bufs;
 
     int64_t rows() const { return rank * heads; }
+    int64_t row_floats() const { return P * P * rows(); } // one sequence's padded state in one layer
     bool    uses_lambda() const { return mode != dmem_mode::no_lambda && !couple_lambda; }
 
     const llama_dmem_layer * find(int il) const {
@@ -982,7 +983,6 @@ void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path
 
 void alloc_store(llama_dmem_context & dc, const llama_model & model) {
     const llama_dmem_adapter & A = *dc.adapter;
-    const int64_t P = A.P;
     dc.store.assign(model.hparams.n_layer(), nullptr);
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
     for (const auto & L : A.layers) {
@@ -998,7 +998,7 @@ void alloc_store(llama_dmem_context & dc, const llama_model & model) {
             ctx_of[buft] = sctx;
             dc.ctxs.emplace_back(sctx);
         }
-        ggml_tensor * t = ggml_new_tensor_2d(sctx, GGML_TYPE_F32, P * P * A.rows(), dc.n_seq);
+        ggml_tensor * t = ggml_new_tensor_2d(sctx, GGML_TYPE_F32, A.row_floats(), dc.n_seq);
         ggml_format_name(t, "dmem_state-%d", L.il);
         dc.store[L.il] = t;
     }
@@ -1025,7 +1025,7 @@ void compact_row(const llama_dmem_adapter & A, const float * padded, float * com
 
 void expand_row(const llama_dmem_adapter & A, const float * compact, float * padded) {
     const int64_t P = A.P, r = A.rank, H = A.heads;
-    std::memset(padded, 0, P * P * A.rows() * sizeof(float));
+    std::memset(padded, 0, A.row_floats() * sizeof(float));
     for (int64_t h = 0; h < H; ++h) {
         for (int64_t i = 0; i < r; ++i) {
             std::memcpy(padded + (i * H + h) * P * P, compact + (h * r + i) * r, r * sizeof(float));
@@ -1058,7 +1058,7 @@ void check_backends(const llama_dmem_adapter & A, const llama_model & model, uin
         ggml_context * ctx = ctx_ptr.get();
         const int64_t T = 2;
         ggml_tensor * x     = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, L.w_in->ne[0], T);
-        ggml_tensor * store = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, P * P * R, 4);
+        ggml_tensor * store = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, A.row_floats(), 4);
         ggml_tensor * ids   = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
         ggml_tensor * proj  = ggml_mul_mat(ctx, L.w_in, x);
         ggml_tensor * s0    = ggml_reshape_4d(ctx, ggml_get_rows(ctx, store, ids), P, P, R, 1);
@@ -1268,8 +1268,8 @@ int32_t llama_dmem_state_get(struct llama_context * ctx, llama_seq_id seq, float
             raise("state buffer has %zu floats, expected %lld", n_floats, (long long) (block * A.layers.size()));
         }
         llama_synchronize(ctx);
-        const size_t row_bytes = A.P * A.P * A.rows() * sizeof(float);
-        std::vector<float> padded(A.P * A.P * A.rows());
+        const size_t row_bytes = A.row_floats() * sizeof(float);
+        std::vector<float> padded(A.row_floats());
         for (size_t l = 0; l < A.layers.size(); ++l) {
             ggml_backend_tensor_get(dc->store[A.layers[l].il], padded.data(), (size_t) seq * row_bytes, row_bytes);
             compact_row(A, padded.data(), dst + l * block);
@@ -1294,8 +1294,8 @@ int32_t llama_dmem_state_set(struct llama_context * ctx, llama_seq_id seq, const
             }
         }
         llama_synchronize(ctx);
-        const size_t row_bytes = A.P * A.P * A.rows() * sizeof(float);
-        std::vector<float> padded(A.P * A.P * A.rows());
+        const size_t row_bytes = A.row_floats() * sizeof(float);
+        std::vector<float> padded(A.row_floats());
         for (size_t l = 0; l < A.layers.size(); ++l) {
             expand_row(A, src + l * block, padded.data());
             ggml_backend_tensor_set(dc->store[A.layers[l].il], padded.data(), (size_t) seq * row_bytes, row_bytes);
@@ -1311,8 +1311,8 @@ int32_t llama_dmem_state_reset(struct llama_context * ctx, llama_seq_id seq) {
         llama_dmem_context * dc = checked_ctx(ctx, seq, true);
         const llama_dmem_adapter & A = *dc->adapter;
         llama_synchronize(ctx);
-        const size_t row_bytes = A.P * A.P * A.rows() * sizeof(float);
-        std::vector<float> zeros(A.P * A.P * A.rows(), 0.0f);
+        const size_t row_bytes = A.row_floats() * sizeof(float);
+        std::vector<float> zeros(A.row_floats(), 0.0f);
         for (const auto & L : A.layers) {
             for (uint32_t s = 0; s < dc->n_seq; ++s) {
                 if (seq < 0 || (uint32_t) seq == s) {
