@@ -162,7 +162,7 @@ def _problems(kind: str, adapter_type: Any, meta: dict[str, Any], dmem_tensors: 
     if not dmem_tensors:
         if kind == "bundle":  # the keys survived a rewrite that dropped the tensors (llama-quantize does)
             out.append("adapter.deltamem.* metadata but no δ-mem tensors: a tool that rewrote this file "
-                       "(llama.cpp's quantizer does) dropped them; quantize the plain base, then bundle again")
+                       "(llama.cpp's quantizer does) dropped them; quantize the plain base model, then bundle it again")
             return out
         out.append("adapter.deltamem.* metadata but no δ-mem tensors")
     version = meta.get("version")

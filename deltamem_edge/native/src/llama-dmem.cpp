@@ -814,6 +814,12 @@ void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path
             raise("unexpected tensor '%s' in a δ-mem adapter", name.c_str());
         }
     }
+    if (by_name.empty() && !standalone) {
+        // llama.cpp's quantizer (like any tool that rewrites a model through the stock loader)
+        // copies every key but only the tensors it knows: the δ-mem settings survive, the tensors not
+        raise("this bundle has δ-mem settings but no δ-mem tensors: a tool that rewrote it (llama.cpp's "
+              "quantizer does) dropped them; quantize the plain base model, then bundle it again");
+    }
 
     std::set<std::string> used;
     auto take = [&](int il, const char * suffix, bool required) -> ggml_tensor * {
