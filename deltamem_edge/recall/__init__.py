@@ -1,0 +1,4 @@
+"""Measuring memory: synthetic held-out facts (``facts``) and the runtime evaluation (``evaluate``).
+
+Nothing here imports torch: users run ``deltamem-edge eval-memory`` on any adapter.
+"""
