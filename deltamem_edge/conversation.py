@@ -130,6 +130,25 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def token_logprobs(logits: np.ndarray, ids: list[int]) -> np.ndarray:
+    """log p(ids[i]) under logits row i, float64, by a max-shifted (stable) log-softmax."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(x).sum(axis=1))
+    return x[np.arange(len(ids)), np.asarray(ids, dtype=np.int64)] - log_z
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """A conversation's cache and memory at one moment (see ``Conversation._rollback``)."""
+
+    kv: list[int]
+    written: int
+    state: np.ndarray | None
+    spans: list[tuple[int, int]]
+    rendered: str | None
+
+
 class Conversation:
     """A chat whose memory is a δ-mem state file.
 
@@ -340,22 +359,53 @@ class Conversation:
         self._rendered = self._template.render(messages[:-1], generation_prompt=False)
         return new_ids[boundary:]
 
+    def _checkpoint(self) -> _Checkpoint:
+        """What a probe or an interrupted prompt must put back: cache tokens, counters, state."""
+        state = self.session.state() if self.engine.adapter is not None else None
+        return _Checkpoint(kv=list(self._kv), written=self.session.tokens_written, state=state,
+                           spans=list(self._spans), rendered=self._rendered)
+
+    def _rollback(self, cp: _Checkpoint) -> None:
+        """Undo everything fed since ``cp``: KV cache, δ-state, tokens-written counter, bookkeeping.
+
+        Why one routine: Ctrl-C during a prompt and ``score_reply`` both need "as if it never
+        happened".  Tokens after ``cp`` are truncated away.  When the slow path of
+        ``_prompt_ids`` replaced older cache tokens by a re-rendering (read-only), the old
+        tokens are fed back read-only, so the cache holds the same ids again (their K/V are
+        recomputed with the current state; the next turn, which takes the same re-rendering
+        path, recomputes them anyway).  Never writes into the δ-state.
+        """
+        with deferred_interrupts():
+            cut = _common_prefix(self._kv, cp.kv)
+            self.session.truncate(cut)
+            del self._kv[cut:]
+            if cp.state is not None:
+                self.session.set_state(cp.state)
+            self.session.tokens_written = cp.written
+            if cut < len(cp.kv):
+                self.session.feed(cp.kv[cut:], write=False, logits="none")
+                self._kv.extend(cp.kv[cut:])
+            self._spans = list(cp.spans)
+            self._rendered = cp.rendered
+
     def _feed_prompt(self, ids: list[int], progress: Progress | None,
                      message_ids: list[int] | None = None) -> np.ndarray | None:
         """Feed a new message; if interrupted (Ctrl-C) undo it completely: cache, state and counter."""
-        kv_len, written = len(self._kv), self.session.tokens_written
-        snapshot = self.session.state() if self.engine.adapter is not None else None
+        cp = self._checkpoint()
         try:
             return self._feed(ids, write=not self.readonly, progress=progress, message_ids=message_ids)
         except KeyboardInterrupt:
-            with deferred_interrupts():
-                self.session.truncate(kv_len)
-                del self._kv[kv_len:]
-                if snapshot is not None:
-                    self.session.set_state(snapshot)
-                self.session.tokens_written = written
+            self._rollback(cp)
             self.stats.interrupted = True
             raise
+
+    def _prompt_message_ids(self, user: Message, written_ids: list[int]) -> list[int] | None:
+        """SSW adapters: upstream's message id for the user's tokens, -1 for the generation prompt."""
+        if not self._segments:
+            return None
+        index = sum(1 for m in self.history if m["role"] != "system")  # upstream's message id of this turn
+        gen = len(self._tokenize(self._generation_prompt(self.messages + [user])))
+        return [index] * (len(written_ids) - gen) + [-1] * gen
 
     def recall(self, n_turns: int, progress: Progress | None = None) -> int:
         """Replay the last `n_turns` user turns of the transcript into the context, writes off."""
@@ -396,11 +446,7 @@ class Conversation:
                 raise EngineError(f"this turn ({len(written_ids)} tokens) does not fit the context of {eng.n_ctx}",
                                   hint="use a larger --ctx-size, a smaller --predict, or a shorter message")
         self.stats = TurnStats(prompt_tokens=len(written_ids))
-        index = sum(1 for m in self.history if m["role"] != "system")  # upstream's message id of this turn
-        message_ids = None
-        if self._segments:
-            gen = len(self._tokenize(self._generation_prompt(self.messages + [user])))
-            message_ids = [index] * (len(written_ids) - gen) + [-1] * gen
+        message_ids = self._prompt_message_ids(user, written_ids)
         t0 = time.perf_counter()
         logits = self._feed_prompt(written_ids, progress, message_ids)
         self.stats.prefill_s = time.perf_counter() - t0
@@ -435,6 +481,40 @@ class Conversation:
             self.stats.decode_s = time.perf_counter() - t1
             self.stats.generated_tokens = len(generated)
             self._finish_reply(generated)
+
+    def score_reply(self, text: str, reply: str) -> np.ndarray:
+        """Natural-log probability of each token of ``reply`` as the answer to ``text``; changes nothing.
+
+        Why: a memory evaluation needs "how likely is the right answer", not only "was it
+        generated".  The user turn is fed exactly as ``say`` feeds it (same prompt ids, written
+        unless read-only), then the reply's tokens -- tokenized as generated text is -- are
+        teacher-forced one at a time, written like generated tokens.  Afterwards everything is
+        undone (``_rollback``): KV cache, δ-state, counters, messages, nothing saved.  Unlike
+        ``say`` a probe never evicts old turns (that cannot be undone): it raises if the turn
+        does not fit.  Returns float64 ``[len(reply tokens)]``.
+        """
+        if self._closed:
+            raise EngineError("this conversation is closed")
+        eng = self.engine
+        user = {"role": "user", "content": text}
+        reply_ids = eng.tokenize(reply, add_special=False, parse_special=False)
+        write = not self.readonly
+        cp = self._checkpoint()
+        try:
+            prompt_ids = self._prompt_ids(self.messages + [user])
+            if self.session.n_past + len(prompt_ids) + len(reply_ids) > eng.n_ctx:
+                raise EngineError(f"this probe ({len(prompt_ids)} + {len(reply_ids)} tokens) does not fit the "
+                                  f"context of {eng.n_ctx} next to {self.session.n_past} tokens",
+                                  hint="use a larger n_ctx or a shorter conversation (a probe never evicts)")
+            logits = self._feed(prompt_ids, write=write, message_ids=self._prompt_message_ids(user, prompt_ids))
+            rows = [logits[-1]] if reply_ids else []
+            for token in reply_ids[:-1]:  # the last token's successor is not scored, so it is not fed
+                with deferred_interrupts():
+                    rows.append(self.session.feed([token], write=write, logits="last")[-1])
+                    self._kv.append(token)
+            return token_logprobs(np.asarray(rows, dtype=np.float32).reshape(len(rows), eng.n_vocab), reply_ids)
+        finally:
+            self._rollback(cp)
 
     def _finish_reply(self, generated: list[int]) -> None:
         """Close the assistant message in the cache (the template's tail, written) and save."""
