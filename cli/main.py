@@ -39,13 +39,14 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show Python traceba
 
 def _register() -> None:
     """Attach each verb's module (imported here so that main.py stays the one index)."""
-    from . import build_cmd, chat, memory, verify
+    from . import build_cmd, chat, eval_memory, memory, verify
 
     app.command("chat")(chat.chat)
     app.command("build")(build_cmd.build)
     app.command("verify")(verify.verify)
+    app.command("eval-memory")(eval_memory.eval_memory)
     memory.register(memory_app)
-    for optional in ("convert", "inspect_cmd", "bench"):
+    for optional in ("convert", "inspect_cmd", "bench", "train_cmd"):
         try:
             module = __import__(f"{__package__}.{optional}", fromlist=["register"])
         except ModuleNotFoundError as e:
