@@ -1,0 +1,93 @@
+"""``deltamem-edge train``: train a δ-mem adapter for a frozen GGUF base on this CPU (needs the 'train' extra).
+
+The defaults are the recipe of the shipped SmolLM2 adapter (models/README.md); every
+flag changes one thing of it.  The run writes, in --out: the upstream adapter folder
+(``adapter/``), the runtime adapter (``<model>.dmem.gguf``), ``checkpoint.pt`` (a run
+interrupted with Ctrl-C resumes from it when started again with the same flags) and
+``train_log.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    from deltamem_edge.errors import DeltaMemError
+
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise DeltaMemError(f"{flag} takes positive integers separated by commas, got {text!r}")
+    return values
+
+
+def train(
+    model: Path = typer.Option(None, "--model", "-m", help="Base model GGUF (default: the embedded SmolLM2-135M-Instruct)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: <data dir>/adapters/<model name>)."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps."),
+    batch: int = typer.Option(None, "--batch", help="Episodes per step."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (cosine, 10 % warm-up)."),
+    rank: int = typer.Option(None, "--rank", help="δ-mem rank r."),
+    state_heads: int = typer.Option(None, "--state-heads", help="State heads (1: TSW, 4: MSW)."),
+    delta_heads: str = typer.Option(None, "--delta-heads", help="Where the read-out is added: q,k,v,o."),
+    beta_bias: float = typer.Option(None, "--beta-bias-init", help="Initial write-gate bias (upstream: -1.5)."),
+    gain: float = typer.Option(None, "--gain", help="Initial size of the δ heads (upstream online_gain 0.05)."),
+    facts: str = typer.Option(None, "--facts", help="Facts per training memory, drawn from this list (e.g. 1,1,2,3)."),
+    episodes: int = typer.Option(None, "--episodes", help="Fact episodes in the training set."),
+    generic: int = typer.Option(None, "--generic", help="General-behaviour episodes (the base model's own answers)."),
+    contrast: float = typer.Option(None, "--contrast-weight", help="Weight of the own-vs-swapped-state margin on the value tokens."),
+    seed: int = typer.Option(None, "--seed", "-s", help="Seed of the data, the order and the initial weights."),
+    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
+) -> None:
+    """Train a δ-mem adapter that remembers facts across conversations, for a frozen GGUF base."""
+    import dataclasses
+
+    from deltamem_edge import defaults
+    from deltamem_edge.errors import DeltaMemError
+
+    try:
+        from deltamem_edge.train.recipe import DEFAULT_RECIPE
+        from deltamem_edge.train.run import run_training
+    except ModuleNotFoundError as e:
+        if e.name not in ("torch", "safetensors", "tqdm"):
+            raise
+        raise DeltaMemError(f"training needs {e.name}, which is not installed",
+                            hint="pip install 'deltamem-edge[train]'") from e
+
+    model = model or defaults.default_model_path()
+    if not model.is_file():
+        raise DeltaMemError("model file not found", path=model)
+    cfg = DEFAULT_RECIPE
+    spec_changes = {k: v for k, v in {
+        "rank": rank, "state_heads": state_heads, "beta_bias_init": beta_bias, "online_gain": gain,
+        "delta_heads": tuple(h.strip() for h in delta_heads.split(",")) if delta_heads else None,
+    }.items() if v is not None}
+    changes = {k: v for k, v in {
+        "steps": steps, "batch": batch, "lr": lr, "seed": seed, "n_fact_episodes": episodes,
+        "n_generic_episodes": generic, "contrast_weight": contrast, "facts_per_memory": _ints(facts, "--facts") if facts else None,
+    }.items() if v is not None}
+    cfg = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, **spec_changes), **changes)
+    if out is None:
+        from .chat import data_dir
+
+        out = data_dir() / "adapters" / model.name.removesuffix(".gguf").lower()
+    print(f"training a δ-mem adapter for {model}\n  into {out} (config {cfg.digest()})", file=sys.stderr)
+    try:
+        adapter = run_training(model, out, cfg, threads=threads)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last checkpoint in {out} is kept; run the same command again to resume",
+              file=sys.stderr)
+        raise typer.Exit(130) from None
+    print(f"wrote {adapter}")
+    print(f"chat with it: deltamem-edge chat -m {model} --adapter {adapter}")
+    print(f"measure it:   deltamem-edge eval-memory -m {model} --adapter {adapter}")
+
+
+def register(app: typer.Typer, convert_app: typer.Typer) -> None:
+    app.command("train")(train)

@@ -1,0 +1,119 @@
+"""The training mix: seeded fact episodes, the base model's own answers, batches of tensors.
+
+Why the base model's own answers: the adapter must leave general behaviour alone
+when nothing in memory matters.  A share of episodes therefore writes an unrelated
+conversation into the state and then trains the reply to an everyday prompt
+towards what the frozen base itself answers (greedy, through the runtime), so the
+memory learns to stay quiet there instead of pushing remembered values into it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..conversation import Conversation
+from ..engine import Engine
+from ..recall.facts import Episode, generic_prompts, make_episodes
+from ..sampling import SamplingParams
+from .episodes import EpisodeTokenizer, TokenEpisode
+
+
+def base_answers(engine: Engine, prompts: Sequence[str], max_tokens: int = 64) -> dict[str, str]:
+    """The frozen base's greedy reply to each prompt (replies that hit the cap are dropped)."""
+    out: dict[str, str] = {}
+    for prompt in prompts:
+        with Conversation(engine, sampling=SamplingParams(temp=0.0), max_new_tokens=max_tokens) as conv:
+            reply = conv.say(prompt)
+            if conv.stats.generated_tokens < max_tokens and reply.strip():
+                out[prompt] = reply
+    return out
+
+
+def value_span(tok: EpisodeTokenizer, answer: str, value: str) -> tuple[int, int]:
+    """Token range of ``value`` inside the answer's tokens (for the value-token metrics)."""
+    i = answer.find(value)
+    if i < 0:
+        return 0, 0
+    enc = lambda s: tok.engine.tokenize(s, add_special=False, parse_special=False)  # noqa: E731
+    start = len(enc(answer[:i].rstrip(" ")))
+    return start, max(start + 1, len(enc(answer[:i + len(value)])))
+
+
+@dataclass
+class Example:
+    ep: TokenEpisode
+    value: tuple[int, int]  # value token span within targets ((0, 0) = none: a generic example)
+
+
+def fact_examples(tok: EpisodeTokenizer, episodes: Sequence[Episode]) -> list[Example]:
+    return [Example(tok.episode(e), value_span(tok, e.probe.answer, e.probe.value)) for e in episodes]
+
+
+def generic_examples(tok: EpisodeTokenizer, n: int, seed: int, answers: dict[str, str]) -> list[Example]:
+    """Unrelated facts in the state, an everyday prompt in run 2, the base's own reply as target."""
+    rng = random.Random(f"deltamem-edge/generic/{seed}")
+    prompts = sorted(answers)
+    if not prompts:
+        return []
+    eps = make_episodes("train", n, seed + 7919, n_facts=(1, 2, 3))
+    out = []
+    for e in eps:
+        prompt = rng.choice(prompts)
+        out.append(Example(tok.episode(e, answer=answers[prompt], question=prompt), (0, 0)))
+    return out
+
+
+def build_mix(engine: Engine, n_fact: int, n_generic: int, seed: int, n_facts: tuple[int, ...],
+              split: str = "train", value_limit: int = 0) -> tuple[list[Example], EpisodeTokenizer]:
+    """Fact episodes (values from at most ``value_limit`` per kind when > 0) plus generic ones."""
+    tok = EpisodeTokenizer(engine)
+    episodes = make_episodes(split, n_fact, seed + 104729 * value_limit, n_facts=n_facts, value_limit=value_limit)
+    examples = fact_examples(tok, episodes)
+    if n_generic:
+        examples += generic_examples(tok, n_generic, seed, base_answers(engine, generic_prompts("train")))
+    return examples, tok
+
+
+@dataclass
+class Batch:
+    """Right-padded tensors of one batch."""
+
+    write_ids: torch.Tensor  # [B, Tw]
+    write_mask: torch.Tensor  # [B, Tw] bool: a real run-1 token (all of them are written)
+    read_ids: torch.Tensor  # [B, Tr]
+    read_writes: torch.Tensor  # [B, Tr] bool
+    target_rows: torch.Tensor  # [N] batch row of each target
+    target_pos: torch.Tensor  # [N] position in run 2 whose logits predict it
+    targets: torch.Tensor  # [N]
+    value_mask: torch.Tensor  # [N] bool: a token of the remembered value
+    n_tokens: int  # real tokens fed (run 1 + run 2)
+
+
+def collate(examples: Sequence[Example]) -> Batch:
+    B = len(examples)
+    tw = max(len(e.ep.write_ids) for e in examples)
+    tr = max(len(e.ep.read_ids) for e in examples)
+    write_ids = torch.zeros(B, tw, dtype=torch.long)
+    write_mask = torch.zeros(B, tw, dtype=torch.bool)
+    read_ids = torch.zeros(B, tr, dtype=torch.long)
+    read_writes = torch.zeros(B, tr, dtype=torch.bool)
+    rows, pos, tgt, val = [], [], [], []
+    for b, e in enumerate(examples):
+        w, r = e.ep.write_ids, e.ep.read_ids
+        write_ids[b, :len(w)] = torch.tensor(w)
+        write_mask[b, :len(w)] = True
+        read_ids[b, :len(r)] = torch.tensor(r)
+        read_writes[b, :len(r)] = torch.tensor(e.ep.read_writes)
+        first = len(r) - len(e.ep.targets)
+        for j, t in enumerate(e.ep.targets):
+            rows.append(b)
+            pos.append(first + j)
+            tgt.append(t)
+            val.append(e.value[0] <= j < e.value[1])
+    n = sum(len(e.ep.write_ids) + len(e.ep.read_ids) for e in examples)
+    return Batch(write_ids, write_mask, read_ids, read_writes, torch.tensor(rows), torch.tensor(pos),
+                 torch.tensor(tgt), torch.tensor(val), n)

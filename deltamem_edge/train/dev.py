@@ -1,0 +1,49 @@
+"""A quick recall check during training, on the ``dev`` split (never the evaluation set).
+
+Why: comparing training variants needs a number that moves before greedy recall
+through the runtime does, and it must not come from the held-out evaluation facts
+(that would tune on them).  For each dev episode we teacher-force the answer in
+run 2 and look at the value's tokens: their mean log-probability with the
+episode's *own* state, with *another* episode's state (same kind of question, other
+value: what a prior over values alone would score), and how often the value's
+tokens are all the model's top-1 choice with its own state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .data import Example, collate
+from .loop import episode_loss
+from .model import DeltaMemModel
+
+
+@torch.no_grad()
+def recall_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int = 32) -> dict[str, float]:
+    own_lp, other_lp, hits, n = 0.0, 0.0, 0, 0
+    for start in range(0, len(examples), batch):
+        chunk = list(examples[start:start + batch])
+        if len(chunk) < 2:
+            break
+        b = collate(chunk)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, own = episode_loss(model, b)
+            swapped = own["state"].roll(1, dims=0)  # every row reads its neighbour's memory
+            _, other = episode_loss(model, b, state=swapped)
+        value = b.value_mask
+        if not value.any():
+            continue
+        own_lp += float(own["logp"][value].sum())
+        other_lp += float(other["logp"][value].sum())
+        n += int(value.sum())
+        # top-1 over all value tokens of a row: a greedy answer would contain the value
+        hidden_hit = own["logp"] >= own["top"] - 1e-6
+        for row in range(len(chunk)):
+            sel = value & (b.target_rows == row)
+            if sel.any():
+                hits += int(hidden_hit[sel].all())
+    rows = len(examples)
+    return {"value_logp_own": own_lp / max(n, 1), "value_logp_other": other_lp / max(n, 1),
+            "value_top1": hits / max(rows, 1)}

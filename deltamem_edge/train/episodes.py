@@ -1,0 +1,88 @@
+"""Training episodes in exactly the token layout ``Conversation`` produces across two runs.
+
+Why this module exists: what is measured through the runtime is only what was
+trained if the tokens, and what is written and what is read, are the same.  The
+layout is taken from the runtime itself (the model's own chat template through
+``conversation._Template``, the engine's tokenizer), not re-implemented:
+
+* **run 1** (fresh memory): the system prompt, then each told message with its
+  reply and the template's closing tail: every token written (writes on).
+* **run 2** (a new run: empty context, the memory file only): the system prompt
+  fed *read-only* (the memory is not empty), then the question with the
+  generation prompt and the answer, written as the runtime writes them.  The
+  loss is the cross-entropy of the answer tokens and of the end-of-turn token
+  that stops the reply (the runtime never feeds that one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..conversation import _Template
+from ..engine import Engine
+from ..recall.facts import Episode
+
+
+@dataclass(frozen=True)
+class TokenEpisode:
+    """One training example: run-1 ids (all written), run-2 ids with write flags and targets."""
+
+    write_ids: tuple[int, ...]
+    read_ids: tuple[int, ...]
+    read_writes: tuple[bool, ...]  # per run-2 token: written into the state?
+    targets: tuple[int, ...]  # the answer tokens + end of turn, predicted at the last len(targets) positions
+    kind: str = ""
+
+
+class EpisodeTokenizer:
+    """Turns text episodes into token episodes with the model's template and tokenizer."""
+
+    def __init__(self, engine: Engine, system: str | None = None) -> None:
+        self.engine = engine
+        self.template = _Template(engine)
+        default = self.template.default_system()
+        self.system = system if system is not None else default
+        self._system_msgs = [{"role": "system", "content": self.system}] if self.system else []
+        self._system_ids = self._ids(self.template.render(self._system_msgs, generation_prompt=False))
+        self.end_of_turn = self._end_of_turn_token()
+
+    def _ids(self, text: str) -> list[int]:
+        return self.engine.tokenize(text, add_special=False, parse_special=True) if text else []
+
+    def _end_of_turn_token(self) -> int:
+        """The token that closes an assistant message (what generation stops on)."""
+        msgs = [*self._system_msgs, {"role": "user", "content": "a"}]
+        prompt = self.template.render(msgs, generation_prompt=True)
+        full = self.template.render([*msgs, {"role": "assistant", "content": "b"}], generation_prompt=False)
+        if not full.startswith(prompt + "b"):
+            raise ValueError("the chat template does not append the reply verbatim; cannot find its end token")
+        tail = self._ids(full[len(prompt) + 1:])
+        if not tail or not self.engine.is_eog(tail[0]):
+            raise ValueError("the template's closing tail does not start with an end-of-generation token")
+        return tail[0]
+
+    def run1(self, tell: tuple[str, ...], replies: tuple[str, ...]) -> list[int]:
+        """Every token run 1 writes: system prompt + each (message, reply, closing tail)."""
+        msgs = list(self._system_msgs)
+        for user, reply in zip(tell, replies, strict=True):
+            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        return self._ids(self.template.render(msgs, generation_prompt=False))
+
+    def run2(self, question: str, answer: str) -> tuple[list[int], list[bool], list[int]]:
+        """(ids fed, write flags, targets) of run 2: system read-only, question + answer written."""
+        msgs = [*self._system_msgs, {"role": "user", "content": question}]
+        text = self.template.render(msgs, generation_prompt=True)
+        sys_text = self.template.render(self._system_msgs, generation_prompt=False)
+        if not text.startswith(sys_text):
+            raise ValueError("the chat template is not prefix-stable after the system prompt")
+        question_ids = self._ids(text[len(sys_text):])
+        answer_ids = self.engine.tokenize(answer, add_special=False, parse_special=False)
+        ids = self._system_ids + question_ids + answer_ids
+        writes = [False] * len(self._system_ids) + [True] * (len(question_ids) + len(answer_ids))
+        return ids, writes, answer_ids + [self.end_of_turn]
+
+    def episode(self, ep: Episode, answer: str | None = None, question: str | None = None,
+                replies: tuple[str, ...] | None = None) -> TokenEpisode:
+        write_ids = self.run1(ep.tell, replies if replies is not None else ep.acks)
+        ids, writes, targets = self.run2(question or ep.probe.question, answer or ep.probe.answer)
+        return TokenEpisode(tuple(write_ids), tuple(ids), tuple(writes), tuple(targets), ep.probe.kind)

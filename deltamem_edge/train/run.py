@@ -1,0 +1,84 @@
+"""One training run from a GGUF base to a runtime adapter: what ``deltamem-edge train`` does.
+
+Steps: tokenize the seeded mix with the runtime's own template (an Engine without
+adapter), load the frozen base in torch, train, export the upstream folder and the
+``.dmem.gguf``, and write ``train_log.json`` (config, per-step loss, dev probes,
+time taken) next to them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..engine import Engine
+from ..recall.facts import make_episodes
+from .data import build_mix, fact_examples
+from .dev import recall_probe
+from .export import export_gguf
+from .loop import TrainConfig, curriculum_steps, train
+from .model import DeltaMem, DeltaMemModel, FrozenBase
+
+LOG_NAME = "train_log.json"
+
+
+def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: int | None = None,
+                 adapter_name: str | None = None, dev_episodes: int = 64, eval_every: int = 50,
+                 quiet: bool = False) -> Path:
+    """Train, export and log; returns the written ``.dmem.gguf``."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    engine = Engine(base_path, adapter_path=False, n_ctx=2048)
+    try:
+        examples, tok = build_mix(engine, cfg.n_fact_episodes, cfg.n_generic_episodes, cfg.seed,
+                                  cfg.facts_per_memory)
+        dev = fact_examples(tok, make_episodes("dev", dev_episodes, cfg.seed, n_facts=1))
+        small: list = []
+        if curriculum_steps(cfg):
+            n_small = min(cfg.n_fact_episodes, curriculum_steps(cfg) * cfg.batch)
+            small, _ = build_mix(engine, n_small, 0, cfg.seed, cfg.facts_per_memory[:1], value_limit=cfg.small_values)
+    finally:
+        engine.close()
+    t_data = time.perf_counter() - t0
+    base = FrozenBase(base_path)
+    mem = DeltaMem(base, cfg.spec, seed=cfg.seed)
+    model = DeltaMemModel(base, mem)
+
+    bar = tqdm(total=cfg.steps, desc="train", unit="step", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+    def on_step(p) -> None:  # noqa: ANN001 - loop.Progress
+        bar.n = p.step
+        bar.set_postfix(loss=f"{p.loss:.3f}", tok_s=f"{p.tokens_per_s:.0f}")
+        bar.refresh()
+
+    def evaluate(step: int) -> dict:
+        probe = recall_probe(model, dev)
+        bar.write(f"step {step}: dev value log-prob own {probe['value_logp_own']:.2f} "
+                  f"other {probe['value_logp_other']:.2f}, value top-1 {probe['value_top1']:.0%}")
+        return probe
+
+    try:
+        history = train(model, examples, cfg, out_dir, on_step=on_step, evaluate=evaluate, eval_every=eval_every,
+                        small_examples=small)
+    finally:
+        bar.close()
+    name = adapter_name or f"{base_path.name.removesuffix('.gguf')}.dmem.gguf"
+    out = export_gguf(mem, base, out_dir / name, folder=out_dir / "adapter")
+    log = {
+        "config": asdict(cfg), "config_digest": cfg.digest(), "base": str(base_path), "adapter": str(out),
+        "examples": len(examples), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(), "data_s": round(t_data, 1),
+        "total_s": round(time.perf_counter() - t0, 1), "history": history,
+    }
+    (out_dir / LOG_NAME).write_text(json.dumps(log, indent=1) + "\n")
+    return out

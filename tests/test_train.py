@@ -1,0 +1,256 @@
+"""``deltamem_edge.train``: the torch δ-mem against the numpy reference and the engine, training, resuming.
+
+The torch forward is what the adapter is trained through; if it meant something
+else than the runtime, a trained adapter would not work there.  So it is checked
+against the float64 numpy oracle (deltamem_edge.reference) after the real export
+path (upstream folder -> converter -> adapter GGUF), with random NON-ZERO weights,
+for TSW and MSW, on every trainable arch, over the two-run layout (run 1 written,
+run 2 partly read-only), and against the patched engine itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ggufs import write_tiny_model
+
+from deltamem_edge import Engine
+from deltamem_edge.reference import RefAdapter, RefModel
+from deltamem_edge.train.data import Example
+from deltamem_edge.train.episodes import TokenEpisode
+from deltamem_edge.train.export import export_gguf, upstream_weights
+from deltamem_edge.train.loop import CHECKPOINT, TrainConfig, episode_loss, train
+from deltamem_edge.train.model import DeltaMem, DeltaMemModel, DeltaMemSpec, FrozenBase, delta_scan
+
+RUN1 = [1, 5, 9, 30, 7, 2, 100, 41, 17]
+RUN2 = [3, 4, 8, 60, 12]
+RUN2_WRITES = [False, False, True, True, True]
+
+
+def randomized(mem: DeltaMem, seed: int, scale: float = 0.3) -> DeltaMem:
+    """Every δ-mem weight random and non-zero (an init-only adapter would prove little)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mem.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return mem
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("train")
+    return {arch: write_tiny_model(d / f"{arch}.gguf", arch, seed=3) for arch in ("llama", "qwen3", "qwen2")}
+
+
+def _two_runs(model: DeltaMemModel) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(run-1 logits, state after run 1, run-2 logits, state after run 2) from the torch model."""
+    with torch.no_grad():
+        h1, s1 = model(torch.tensor([RUN1]), torch.arange(len(RUN1))[None], torch.ones(1, len(RUN1), dtype=torch.bool))
+        h2, s2 = model(torch.tensor([RUN2]), torch.arange(len(RUN2))[None], torch.tensor([RUN2_WRITES]), s1)
+    flat = lambda s: s[0].reshape(s.shape[1], -1, s.shape[-1]).numpy()  # noqa: E731 - [L, H*r, r]
+    return model.logits(h1)[0].numpy(), flat(s1), model.logits(h2)[0].numpy(), flat(s2)
+
+
+def _ref_two_runs(ref: RefModel, adapter: RefAdapter) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    s = ref.session(adapter)
+    l1 = s.feed(RUN1)
+    st1 = s.state()
+    s2 = ref.session(adapter)  # run 2: empty KV, positions from 0, the saved state
+    s2.set_state(st1)
+    first = RUN2_WRITES.index(True)
+    la = s2.feed(RUN2[:first], write=False)
+    lb = s2.feed(RUN2[first:], write=True)
+    return l1, st1, np.concatenate([la, lb]), s2.state()
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2"])
+@pytest.mark.parametrize("state_heads,delta_heads", [(1, ("q", "o")), (2, ("q", "k", "v", "o")), (4, ("q", "o"))])
+def test_forward_matches_reference_after_export(tiny: dict[str, Path], tmp_path: Path, arch: str, state_heads: int,
+                                                delta_heads: tuple[str, ...]) -> None:
+    base = FrozenBase(tiny[arch])
+    mem = randomized(DeltaMem(base, DeltaMemSpec(rank=4, state_heads=state_heads, delta_heads=delta_heads)), 11)
+    gguf_path = export_gguf(mem, base, tmp_path / "a.dmem.gguf", outtype="f32")
+    ref = RefModel(tiny[arch])
+    ours = _two_runs(DeltaMemModel(base.double(), mem.double()))
+    theirs = _ref_two_runs(ref, RefAdapter(gguf_path, ref))
+    for name, a, b in zip(("run-1 logits", "state 1", "run-2 logits", "state 2"), ours, theirs, strict=True):
+        assert rel(a, b) < 1e-9, f"{name}: {rel(a, b):.2e}"
+    # the adapter is not inert: its logits differ from the base model's
+    base_logits = ref.forward(RUN1)
+    assert rel(ours[0], base_logits) > 1e-3
+
+
+def test_forward_matches_engine(tiny: dict[str, Path], tmp_path: Path) -> None:
+    base = FrozenBase(tiny["llama"])
+    mem = randomized(DeltaMem(base, DeltaMemSpec(rank=8, state_heads=1)), 12, scale=0.2)
+    gguf_path = export_gguf(mem, base, tmp_path / "a.dmem.gguf", outtype="f32")
+    l1, st1, l2, st2 = _two_runs(DeltaMemModel(base.double(), mem.double()))
+    with Engine(tiny["llama"], gguf_path, n_ctx=64, f32_kv=True, flash_attn=False) as eng:
+        s = eng.session()
+        e1 = s.feed(RUN1)
+        e_st1 = s.state()
+        s.reset()
+        s.set_state(e_st1)
+        first = RUN2_WRITES.index(True)
+        e2 = np.concatenate([s.feed(RUN2[:first], write=False), s.feed(RUN2[first:], write=True)])
+        e_st2 = s.state()
+    assert rel(e1, l1) < 1e-4 and rel(e2, l2) < 1e-4
+    assert rel(e_st1, st1) < 1e-4 and rel(e_st2, st2) < 1e-4
+
+
+def test_scan_gradients_match_finite_differences() -> None:
+    g = torch.Generator().manual_seed(3)
+    B, T, H, r = 2, 5, 2, 3
+    q, k, v = (torch.randn(B, T, H, r, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    beta = torch.rand(B, T, H, r, generator=g, dtype=torch.float64, requires_grad=True)
+    S0 = torch.randn(B, H, r, r, generator=g, dtype=torch.float64, requires_grad=True)
+    write = torch.tensor([[True, True, False, True, True], [False, True, True, True, False]])
+    torch.autograd.gradcheck(lambda *a: delta_scan(*a[:4], write, a[4]), (q, k, v, beta, S0))
+
+
+def test_scan_skips_tokens_that_do_not_write() -> None:
+    """A token with writes off reads the state and leaves it exactly as it was."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 3, 1, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    beta = torch.rand(1, 3, 1, 4, generator=g, dtype=torch.float64)
+    S0 = torch.randn(1, 1, 4, 4, generator=g, dtype=torch.float64)
+    reads, S = delta_scan(q, k, v, beta, torch.zeros(1, 3, dtype=torch.bool), S0)
+    assert torch.equal(S, S0)
+    np.testing.assert_allclose(reads[0, :, 0].numpy(), (S0[0, 0] @ q[0, :, 0].T).T.numpy(), rtol=1e-12)
+
+
+def test_export_undoes_the_llama_row_order(tiny: dict[str, Path]) -> None:
+    """δ_q rows are trained in the GGUF's (permuted) q order and written in HF order."""
+    base = FrozenBase(tiny["llama"])
+    mem = randomized(DeltaMem(base, DeltaMemSpec(rank=4)), 5)
+    hp = base.hp
+    w = upstream_weights(mem, base)["model.layers.0.self_attn.delta_q_proj"]
+    ours = mem.delta["q"][0].detach().numpy()
+    half = hp.head_dim_k // 2
+    # HF row h*d + s*half + j is GGUF row h*d + 2*j + s
+    for h, s, j in [(0, 0, 0), (0, 1, 0), (1, 0, 3), (hp.n_head - 1, 1, half - 1)]:
+        assert np.array_equal(w[h * hp.head_dim_k + s * half + j], ours[h * hp.head_dim_k + 2 * j + s])
+
+
+# ---------------------------------------------------------------------------------------------
+# training on a tiny random model: a toy recall task made of token ids
+# ---------------------------------------------------------------------------------------------
+
+def toy_examples(n: int, seed: int) -> list[Example]:
+    """Run 1 writes a 'value' token among fillers; run 2 must answer with it (no tokenizer needed)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        value = int(rng.integers(200, 208))
+        write = [1, *map(int, rng.integers(10, 100, 3)), 150, value, 2]
+        read = [1, 160, 161, 2]
+        out.append(Example(TokenEpisode(tuple(write), tuple(read), (False, True, True, True), (value, 2)), (0, 1)))
+    return out
+
+
+def toy_config(**kw: object) -> TrainConfig:
+    spec = DeltaMemSpec(rank=4, state_heads=1, online_gain=0.5)
+    return TrainConfig(spec=spec, steps=30, batch=8, lr=3e-2, bf16=False, checkpoint_every=5, **kw)
+
+
+def test_tiny_training_lowers_the_loss_and_exports_for_the_engine(tiny: dict[str, Path], tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    base = FrozenBase(tiny["llama"])
+    examples = toy_examples(64, 1)
+    cfg = toy_config()
+    model = DeltaMemModel(base, DeltaMem(base, cfg.spec, seed=cfg.seed))
+    from deltamem_edge.train.data import collate
+
+    held = collate(toy_examples(32, 2))
+    with torch.no_grad():
+        before = float(episode_loss(model, held)[0])
+    history = train(model, examples, cfg, tmp_path)
+    with torch.no_grad():
+        after = float(episode_loss(model, held)[0])
+    assert len(history) == cfg.steps
+    assert after < 0.8 * before, (before, after)
+    out = export_gguf(model.mem, base, tmp_path / "toy.dmem.gguf")
+    with Engine(tiny["llama"], out, n_ctx=64) as eng:
+        assert eng.adapter is not None and eng.adapter.rank == 4
+        s = eng.session()
+        s.feed(list(examples[0].ep.write_ids))
+        assert np.abs(s.state()).max() > 0
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny: dict[str, Path], tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    base = FrozenBase(tiny["llama"])
+    examples = toy_examples(40, 3)
+    cfg = dataclasses.replace(toy_config(), steps=12)
+
+    def fresh() -> DeltaMemModel:
+        return DeltaMemModel(base, DeltaMem(base, cfg.spec, seed=cfg.seed))
+
+    straight = fresh()
+    train(straight, examples, cfg, tmp_path / "straight")
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def ctrl_c_at_7(p: object) -> None:
+        if p.step == 7:
+            raise Stop
+
+    first = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train(first, examples, cfg, tmp_path / "resumed", on_step=ctrl_c_at_7)
+    saved = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)
+    assert saved["step"] == 7
+    second = fresh()  # a new process: starts from the checkpoint, not from scratch
+    history = train(second, examples, cfg, tmp_path / "resumed")
+    assert [h["step"] for h in history] == list(range(1, 13))
+    for (name, a), b in zip(straight.mem.state_dict().items(), second.mem.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_contrast_term_rewards_only_what_the_own_state_gives(tiny: dict[str, Path]) -> None:
+    """The margin term is zero when rows share one state (nothing to tell apart) and positive otherwise."""
+    from deltamem_edge.train.data import collate
+
+    base = FrozenBase(tiny["llama"])
+    model = DeltaMemModel(base, randomized(DeltaMem(base, DeltaMemSpec(rank=4)), 8, scale=0.1))
+    batch = collate(toy_examples(6, 9))
+    with torch.no_grad():
+        plain, details = episode_loss(model, batch)
+        shared = details["state"][:1].expand_as(details["state"]).contiguous()
+        same, _ = episode_loss(model, batch, state=shared)
+        same_c, _ = episode_loss(model, batch, state=shared, contrast_weight=2.0, contrast_margin=1.0)
+        with_c, _ = episode_loss(model, batch, contrast_weight=2.0, contrast_margin=50.0)
+    # identical states: every gap is 0, so the term is weight * margin exactly
+    assert float(same_c - same) == pytest.approx(2.0, abs=1e-5)
+    assert float(with_c) > float(plain)
+
+
+def test_train_cli_end_to_end_on_smollm2(tmp_path: Path) -> None:
+    """`deltamem-edge train` with a tiny budget: folder, GGUF, log, and an adapter the engine runs."""
+    import json
+
+    from deltamem_edge.cli.main import main
+    from deltamem_edge.defaults import default_model_path
+
+    out = tmp_path / "run"
+    rc = main(["train", "--out", str(out), "--steps", "2", "--batch", "2", "--episodes", "8", "--generic", "0",
+               "--facts", "1", "-t", "1"])
+    assert rc == 0
+    adapter = out / "SmolLM2-135M-Instruct.Q4_1.dmem.gguf"
+    assert (out / "adapter" / "delta_mem_config.json").is_file() and adapter.is_file()
+    log = json.loads((out / "train_log.json").read_text())
+    assert [h["step"] for h in log["history"]] == [1, 2]
+    with Engine(default_model_path(), adapter, n_ctx=128, n_threads=1) as eng:
+        assert eng.adapter.rank == 8 and eng.adapter.layers == tuple(range(30))
+        s = eng.session()
+        s.feed(eng.tokenize("My sister is called Ines."))
+        assert np.abs(s.state()).max() > 0

@@ -1,0 +1,55 @@
+"""Training episodes have exactly the token layout that ``Conversation`` produces across two runs.
+
+If they did not, what ``eval-memory`` measures through the runtime would not be what
+was trained.  Checked on the real SmolLM2 template and tokenizer, against the tokens
+the runtime actually put into its KV cache and the tokens it actually wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deltamem_edge import Engine
+from deltamem_edge.conversation import Conversation
+from deltamem_edge.defaults import default_adapter_path, default_model_path
+from deltamem_edge.recall.facts import make_episodes
+from deltamem_edge.sampling import SamplingParams
+
+pytest.importorskip("torch")
+from deltamem_edge.train.episodes import EpisodeTokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    with Engine(default_model_path(), default_adapter_path(), n_ctx=1024, n_threads=1) as eng:
+        yield eng
+
+
+def test_two_runs_match_the_runtime(engine: Engine, tmp_path: Path) -> None:
+    tok = EpisodeTokenizer(engine)
+    ep = make_episodes("train", 1, 5, n_facts=3, chit_chat=1.0)[0]
+    memory = tmp_path / "m.state"
+    greedy = SamplingParams(temp=0.0)
+    # run 1: the user tells the facts; with no reply tokens the assistant message is empty
+    with Conversation(engine, memory, sampling=greedy, max_new_tokens=0) as conv:
+        for message in ep.tell:
+            conv.say(message)
+        run1_kv, run1_written = list(conv._kv), conv.tokens_written
+    expected = tok.run1(ep.tell, ("",) * len(ep.tell))
+    assert run1_kv == expected
+    assert run1_written == len(expected)  # every run-1 token is written, the system prompt included
+
+    # run 2: a new run on the memory file; the question (and the empty reply's tail) is written
+    with Conversation(engine, memory, sampling=greedy, max_new_tokens=0) as conv:
+        conv.say(ep.probe.question)
+        run2_kv, run2_written = list(conv._kv), conv.tokens_written - run1_written
+    ids, writes, targets = tok.run2(ep.probe.question, ep.probe.answer)
+    n_prompt = len(ids) - (len(targets) - 1)  # ids = system + question + answer tokens
+    assert run2_kv[:n_prompt] == ids[:n_prompt]
+    assert run2_kv[n_prompt] == targets[-1]  # the tail after the (empty) reply starts with the end of turn
+    assert not any(writes[:len(tok._system_ids)]), "the system prompt must be read-only in run 2"
+    tail = len(run2_kv) - n_prompt
+    assert run2_written == sum(writes[:n_prompt]) + tail
+    assert engine.is_eog(targets[-1])
