@@ -15,19 +15,9 @@ import typer
 
 from deltamem_edge.errors import DeltaMemError
 
+from ._options import facts_per_memory
+
 N_CTX = 2048
-
-
-def _capacity(text: str) -> tuple[int, ...]:
-    from deltamem_edge.recall.facts import KINDS
-
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated numbers like 1,3,8, got {text!r}") from None
-    if not values or any(not 1 <= v <= len(KINDS) for v in values):
-        raise typer.BadParameter(f"each value must be in 1..{len(KINDS)} (there are {len(KINDS)} fact kinds)")
-    return values
 
 
 def _check_json_target(path: Path | None) -> None:
@@ -55,7 +45,7 @@ def eval_memory(
     from deltamem_edge.recall.evaluate import EvalConfig, evaluate_memory
     from deltamem_edge.recall.report import markdown
 
-    cfg = EvalConfig(n=episodes, seed=seed, capacity=_capacity(capacity), tell_max_tokens=tell_max_tokens,
+    cfg = EvalConfig(n=episodes, seed=seed, capacity=facts_per_memory(capacity, "--capacity"), tell_max_tokens=tell_max_tokens,
                      answer_max_tokens=answer_max_tokens, perplexity=not no_perplexity)
     _check_json_target(json_path)
     command = cfg.command(model, adapter)

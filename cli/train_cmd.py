@@ -14,17 +14,7 @@ from pathlib import Path
 
 import typer
 
-
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    from deltamem_edge.errors import DeltaMemError
-
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise DeltaMemError(f"{flag} takes positive integers separated by commas, got {text!r}")
-    return values
+from ._options import facts_per_memory
 
 
 def train(
@@ -70,7 +60,7 @@ def train(
     }.items() if v is not None}
     changes = {k: v for k, v in {
         "steps": steps, "batch": batch, "lr": lr, "seed": seed, "n_fact_episodes": episodes,
-        "n_generic_episodes": generic, "contrast_weight": contrast, "facts_per_memory": _ints(facts, "--facts") if facts else None,
+        "n_generic_episodes": generic, "contrast_weight": contrast, "facts_per_memory": facts_per_memory(facts, "--facts") if facts else None,
     }.items() if v is not None}
     cfg = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, **spec_changes), **changes)
     if out is None:

@@ -254,3 +254,23 @@ def test_train_cli_end_to_end_on_smollm2(tmp_path: Path) -> None:
         s = eng.session()
         s.feed(eng.tokenize("My sister is called Ines."))
         assert np.abs(s.state()).max() > 0
+
+
+def test_an_architecture_we_cannot_train_is_a_clear_error(tmp_path: Path) -> None:
+    """smollm3 loads in the reference but is not in the trainer's list: a ModelLoadError naming the file."""
+    from deltamem_edge.errors import ModelLoadError
+
+    path = write_tiny_model(tmp_path / "s.gguf", "smollm3")
+    with pytest.raises(ModelLoadError, match="smollm3") as info:
+        FrozenBase(path)
+    assert info.value.path == path
+
+
+def test_facts_flag_is_checked_before_any_work(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from deltamem_edge.cli.main import main
+
+    for bad, says in (("1,12", "each value must be in 1..11"), ("one", "expected comma-separated numbers")):
+        assert main(["train", "--out", str(tmp_path / bad), "--facts", bad, "--steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "--facts" in err and says in err, err
+        assert not (tmp_path / bad).exists()  # refused before the run started

@@ -9,6 +9,7 @@ usable by upstream's PyTorch code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -17,10 +18,10 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..converter.adapter import ROPE_PERMUTED_ARCHS, convert_adapter, rope_row_permutation
+from ..converter.config import CONFIG_FILENAME
 from .model import DeltaMem, FrozenBase
 
-CONFIG_FILENAME = "delta_mem_config.json"
-WEIGHTS_FILENAME = "delta_mem_adapter.safetensors"
+WEIGHTS_FILENAME = "delta_mem_adapter.safetensors"  # upstream writes .pt; the converter reads both
 
 
 def upstream_weights(mem: DeltaMem, base: FrozenBase) -> dict[str, np.ndarray]:
@@ -46,21 +47,20 @@ def upstream_weights(mem: DeltaMem, base: FrozenBase) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def write_adapter_folder(mem: DeltaMem, base: FrozenBase, folder: Path, extra: dict | None = None) -> Path:
+def write_adapter_folder(mem: DeltaMem, base: FrozenBase, folder: Path) -> Path:
     """Write ``delta_mem_config.json`` + safetensors weights (upstream layout) into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILENAME).write_text(json.dumps(mem.spec.to_upstream_config(), indent=2) + "\n")
-    save_file(upstream_weights(mem, base), str(folder / WEIGHTS_FILENAME), metadata={
-        "format": "pt", "producer": "deltamem-edge train", **{k: str(v) for k, v in (extra or {}).items()}})
+    save_file(upstream_weights(mem, base), str(folder / WEIGHTS_FILENAME),
+              metadata={"format": "pt", "producer": "deltamem-edge train"})
     return folder
 
 
 def export_gguf(mem: DeltaMem, base: FrozenBase, out: Path, *, folder: Path | None = None,
                 outtype: str = "f16") -> Path:
     """The runtime adapter: upstream folder (kept in ``folder``, else a temp dir) converted for the base."""
-    if folder is not None:
-        write_adapter_folder(mem, base, folder)
-        return convert_adapter(folder, base.path, out, outtype=outtype)
-    with tempfile.TemporaryDirectory(prefix="dmem-export-") as tmp:
-        src = write_adapter_folder(mem, base, Path(tmp) / out.name.removesuffix(".gguf"))
-        return convert_adapter(src, base.path, out, outtype=outtype)
+    with contextlib.ExitStack() as stack:
+        if folder is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dmem-export-")))
+            folder = tmp / out.name.removesuffix(".gguf")
+        return convert_adapter(write_adapter_folder(mem, base, folder), base.path, out, outtype=outtype)

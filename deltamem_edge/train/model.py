@@ -21,13 +21,14 @@ an upstream adapter folder (undoing the llama row permutation) for the converter
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ModelLoadError
 from ..reference import HParams, RefModel
 
 SUPPORTED_TRAIN_ARCHS = ("llama", "qwen2", "qwen3")
@@ -69,19 +70,20 @@ class DeltaMemSpec:
             "delta_heads": list(self.delta_heads), "delta_o_rmsnorm": False, "trainable_delta_scale": False,
         }
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 class FrozenBase(torch.nn.Module):
     """The backbone, frozen: weights from a GGUF (any quant type, dequantized to f32)."""
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        ref = RefModel(path, dtype=np.float32)
+        hint = f"training supports the architectures {', '.join(SUPPORTED_TRAIN_ARCHS)}"
+        try:
+            ref = RefModel(path, dtype=np.float32)
+        except NotImplementedError as e:  # an architecture or rope scaling the reference does not cover
+            raise ModelLoadError(str(e), path=path, hint=hint) from e
         hp = ref.hp
         if hp.arch not in SUPPORTED_TRAIN_ARCHS:
-            raise NotImplementedError(f"training supports {', '.join(SUPPORTED_TRAIN_ARCHS)}, not {hp.arch!r}")
+            raise ModelLoadError(f"architecture {hp.arch!r} cannot be trained yet", path=path, hint=hint)
         self.hp: HParams = hp
         self.path = Path(path)
         self.tied = ref.w["output.weight"] is ref.w["token_embd.weight"]

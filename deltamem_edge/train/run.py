@@ -37,7 +37,9 @@ def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: i
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads or os.cpu_count() or 1)
+    base = FrozenBase(base_path)  # first: a model we cannot train is refused before any data work
     out_dir.mkdir(parents=True, exist_ok=True)
+    t_data0 = time.perf_counter()
     engine = Engine(base_path, adapter_path=False, n_ctx=2048)
     try:
         examples, tok = build_mix(engine, cfg.n_fact_episodes, cfg.n_generic_episodes, cfg.seed,
@@ -49,8 +51,7 @@ def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: i
             small, _ = build_mix(engine, n_small, 0, cfg.seed, cfg.facts_per_memory[:1], value_limit=cfg.small_values)
     finally:
         engine.close()
-    t_data = time.perf_counter() - t0
-    base = FrozenBase(base_path)
+    t_data = time.perf_counter() - t_data0
     mem = DeltaMem(base, cfg.spec, seed=cfg.seed)
     model = DeltaMemModel(base, mem)
 
