@@ -31,6 +31,9 @@ def train(
     facts: str = typer.Option(None, "--facts", help="Facts per training memory, drawn from this list (e.g. 1,1,2,3)."),
     episodes: int = typer.Option(None, "--episodes", help="Fact episodes in the training set."),
     generic: int = typer.Option(None, "--generic", help="General-behaviour episodes (the base model's own answers)."),
+    update: str = typer.Option(None, "--update", help="State update: standard (λ = 1 − β) or no_lambda (plain delta rule)."),
+    precision: str = typer.Option("auto", "--precision",
+                                  help="Backbone matmuls: bf16, f32, or auto (bf16 only where the CPU has native bf16)."),
     contrast: float = typer.Option(None, "--contrast-weight", help="Weight of the own-vs-swapped-state margin on the value tokens."),
     seed: int = typer.Option(None, "--seed", "-s", help="Seed of the data, the order and the initial weights."),
     threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
@@ -42,6 +45,8 @@ def train(
     from deltamem_edge.errors import DeltaMemError
 
     try:
+        from deltamem_edge.train.loop import resolved
+        from deltamem_edge.train.model import UPDATE_MODES
         from deltamem_edge.train.recipe import DEFAULT_RECIPE
         from deltamem_edge.train.run import run_training
     except ModuleNotFoundError as e:
@@ -57,17 +62,24 @@ def train(
     spec_changes = {k: v for k, v in {
         "rank": rank, "state_heads": state_heads, "beta_bias_init": beta_bias, "online_gain": gain,
         "delta_heads": tuple(h.strip() for h in delta_heads.split(",")) if delta_heads else None,
+        "update_mode": update,
     }.items() if v is not None}
     changes = {k: v for k, v in {
         "steps": steps, "batch": batch, "lr": lr, "seed": seed, "n_fact_episodes": episodes,
         "n_generic_episodes": generic, "contrast_weight": contrast, "facts_per_memory": facts_per_memory(facts, "--facts") if facts else None,
     }.items() if v is not None}
-    cfg = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, **spec_changes), **changes)
+    precisions = {"auto": None, "bf16": True, "f32": False}
+    if precision not in precisions:
+        raise typer.BadParameter(f"{precision!r}: choose auto, bf16 or f32", param_hint="--precision")
+    changes["bf16"] = precisions[precision]
+    if update is not None and update not in UPDATE_MODES:
+        raise typer.BadParameter(f"{update!r}: choose {' or '.join(UPDATE_MODES)}", param_hint="--update")
+    cfg = resolved(dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, **spec_changes), **changes))
     if out is None:
         from .chat import data_dir
 
         out = data_dir() / "adapters" / model.name.removesuffix(".gguf").lower()
-    print(f"training a δ-mem adapter for {model}\n  into {out} (config {cfg.digest()})", file=sys.stderr)
+    print(f"training a δ-mem adapter for {model}\n  into {out} (config {cfg.digest()}, {'bf16' if cfg.bf16 else 'f32'})", file=sys.stderr)
     try:
         adapter = run_training(model, out, cfg, threads=threads)
     except KeyboardInterrupt:

@@ -72,11 +72,14 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2"])
-@pytest.mark.parametrize("state_heads,delta_heads", [(1, ("q", "o")), (2, ("q", "k", "v", "o")), (4, ("q", "o"))])
+@pytest.mark.parametrize("state_heads,delta_heads,mode", [(1, ("q", "o"), "standard"), (1, ("q", "o"), "no_lambda"),
+                                                         (2, ("q", "k", "v", "o"), "standard"),
+                                                         (4, ("q", "o"), "no_lambda")])
 def test_forward_matches_reference_after_export(tiny: dict[str, Path], tmp_path: Path, arch: str, state_heads: int,
-                                                delta_heads: tuple[str, ...]) -> None:
+                                                delta_heads: tuple[str, ...], mode: str) -> None:
     base = FrozenBase(tiny[arch])
-    mem = randomized(DeltaMem(base, DeltaMemSpec(rank=4, state_heads=state_heads, delta_heads=delta_heads)), 11)
+    spec = DeltaMemSpec(rank=4, state_heads=state_heads, delta_heads=delta_heads, update_mode=mode)
+    mem = randomized(DeltaMem(base, spec), 11)
     gguf_path = export_gguf(mem, base, tmp_path / "a.dmem.gguf", outtype="f32")
     ref = RefModel(tiny[arch])
     ours = _two_runs(DeltaMemModel(base.double(), mem.double()))
@@ -106,14 +109,15 @@ def test_forward_matches_engine(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert rel(e_st1, st1) < 1e-4 and rel(e_st2, st2) < 1e-4
 
 
-def test_scan_gradients_match_finite_differences() -> None:
+@pytest.mark.parametrize("decay", [True, False])
+def test_scan_gradients_match_finite_differences(decay: bool) -> None:
     g = torch.Generator().manual_seed(3)
     B, T, H, r = 2, 5, 2, 3
     q, k, v = (torch.randn(B, T, H, r, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     beta = torch.rand(B, T, H, r, generator=g, dtype=torch.float64, requires_grad=True)
     S0 = torch.randn(B, H, r, r, generator=g, dtype=torch.float64, requires_grad=True)
     write = torch.tensor([[True, True, False, True, True], [False, True, True, True, False]])
-    torch.autograd.gradcheck(lambda *a: delta_scan(*a[:4], write, a[4]), (q, k, v, beta, S0))
+    torch.autograd.gradcheck(lambda *a: delta_scan(*a[:4], write, a[4], decay=decay), (q, k, v, beta, S0))
 
 
 def test_scan_skips_tokens_that_do_not_write() -> None:
@@ -274,3 +278,28 @@ def test_facts_flag_is_checked_before_any_work(capsys: pytest.CaptureFixture[str
         err = capsys.readouterr().err
         assert "--facts" in err and says in err, err
         assert not (tmp_path / bad).exists()  # refused before the run started
+
+
+def test_precision_is_decided_for_this_cpu_unless_asked() -> None:
+    """bf16 only where the CPU multiplies it natively (emulated bf16 is ~50x slower than f32)."""
+    from dataclasses import replace
+
+    from deltamem_edge.train.loop import TrainConfig, native_bf16, resolved
+
+    auto = resolved(TrainConfig())
+    assert auto.bf16 is native_bf16()
+    assert auto.digest() != resolved(replace(TrainConfig(), bf16=not native_bf16())).digest()
+    for asked in (True, False):
+        assert resolved(replace(TrainConfig(), bf16=asked)).bf16 is asked
+
+
+def test_update_and_precision_flags_are_checked_before_any_work(capsys: pytest.CaptureFixture[str],
+                                                                tmp_path: Path) -> None:
+    from deltamem_edge.cli.main import main
+
+    for flags, says in ((["--update", "lambda"], "no_lambda"), (["--precision", "fp8"], "auto, bf16 or f32")):
+        out = tmp_path / flags[1]
+        assert main(["train", "--out", str(out), "--steps", "1", *flags]) == 2
+        err = capsys.readouterr().err
+        assert flags[0] in err and says in err, err
+        assert not out.exists()

@@ -21,14 +21,15 @@ from .model import DeltaMemModel
 
 
 @torch.no_grad()
-def recall_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int = 32) -> dict[str, float]:
+def recall_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int = 32,
+                 bf16: bool = False) -> dict[str, float]:
     own_lp, other_lp, hits, n = 0.0, 0.0, 0, 0
     for start in range(0, len(examples), batch):
         chunk = list(examples[start:start + batch])
         if len(chunk) < 2:
             break
         b = collate(chunk)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             _, own = episode_loss(model, b)
             swapped = own["state"].roll(1, dims=0)  # every row reads its neighbour's memory
             _, other = episode_loss(model, b, state=swapped)

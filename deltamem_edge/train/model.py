@@ -32,14 +32,18 @@ from ..errors import ModelLoadError
 from ..reference import HParams, RefModel
 
 SUPPORTED_TRAIN_ARCHS = ("llama", "qwen2", "qwen3")
+UPDATE_MODES = ("standard", "no_lambda")  # the subset of gguf_schema.UPDATE_MODES the trainer builds
 
 
 @dataclass(frozen=True)
 class DeltaMemSpec:
     """What the trainer builds: the subset of upstream's config that training varies.
 
-    Fixed choices (upstream's mainline): token write granularity, ``standard`` update
-    with λ = 1 − β (coupled), rank-wise gates, tanh + L2 on memory q/k.
+    Fixed choices (upstream's mainline): token write granularity, coupled λ = 1 − β,
+    rank-wise gates, tanh + L2 on memory q/k.  ``update_mode`` is upstream's
+    ``state_update_mode``: ``standard`` (every written token decays the whole state
+    by 1 − β) or ``no_lambda`` (the plain delta rule: only the written key's
+    direction is overwritten, the rest of the state is kept).
     """
 
     rank: int = 8
@@ -50,6 +54,7 @@ class DeltaMemSpec:
     online_gain: float = 0.05
     base_slice_width: int = 8
     init: str = "upstream"  # or "tied": see DeltaMem.__init__
+    update_mode: str = "standard"  # or "no_lambda"
 
     @property
     def R(self) -> int:
@@ -63,7 +68,7 @@ class DeltaMemSpec:
         """The ``delta_mem_config.json`` our converter (and upstream) reads."""
         return {
             "rank": self.rank, "alpha": float(self.alpha), "beta_bias_init": float(self.beta_bias_init),
-            "normalize_qk": True, "couple_lambda": True, "state_update_mode": "standard", "rankwise_gates": True,
+            "normalize_qk": True, "couple_lambda": True, "state_update_mode": self.update_mode, "rankwise_gates": True,
             "output_init": "base_slice_fixed", "base_slice_ref_width": self.base_slice_width,
             "online_gain": float(self.online_gain), "num_state_heads": self.state_heads,
             "memory_write_granularity": "token", "target_modules": ["self_attn"], "target_layers": [],
@@ -161,6 +166,8 @@ class DeltaMem(torch.nn.Module):
         self.beta_bias = torch.nn.Parameter(torch.full((L, R), float(spec.beta_bias_init)))
         if spec.init not in ("upstream", "tied"):
             raise ValueError(f"unknown init {spec.init!r}")
+        if spec.update_mode not in UPDATE_MODES:
+            raise ValueError(f"unknown update mode {spec.update_mode!r}; the trainer supports {', '.join(UPDATE_MODES)}")
         if spec.init == "tied":  # memory keys start equal to queries: a token's read meets what was written
             with torch.no_grad():
                 self.memory_qkv[:, R:2 * R] = self.memory_qkv[:, :R]
@@ -198,26 +205,26 @@ class DeltaMem(torch.nn.Module):
 
 
 def delta_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, write: torch.Tensor,
-               S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               S: torch.Tensor, decay: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Read-before-write gated delta rule over T tokens for all rows and heads at once.
 
     q, k, v, beta [B, T, H, r]; write [B, T] (bool); S [B, H, r, r] (S[i, j]: i value row, j key).
-    Standard update with λ = 1 − β; a token that does not write leaves S as it is.
-    Returns (reads [B, T, H, r], S_T).
+    ``decay``: the standard update with λ = 1 − β; without it λ = 1 (``no_lambda``).
+    A token that does not write leaves S as it is.  Returns (reads [B, T, H, r], S_T).
     """
     with torch.autocast(q.device.type, enabled=False):  # the recurrence in f32, as the engine runs it
         dt = torch.promote_types(torch.promote_types(S.dtype, k.dtype), torch.float32)
         q, k, v, beta, S = (t.to(dt) for t in (q, k, v, beta, S))
         w = write.to(q.dtype)[:, :, None, None]
         coef = beta * w  # β where the token writes, else 0
-        keep = (1.0 - coef).unsqueeze(-1)  # λ = 1 - β where it writes, else 1
+        keep = (1.0 - coef).unsqueeze(-1) if decay else None  # λ = 1 - β where it writes, else 1
         qk = torch.stack((q, k), dim=-1)  # [B, T, H, r, 2]: read and prediction in one product
         k_row = k.unsqueeze(-2)  # [B, T, H, 1, r]
         reads = []
         for t in range(q.shape[1]):
             both = S @ qk[:, t]  # [B, H, r, 2]
             reads.append(both[..., 0])
-            S = keep[:, t] * S + (coef[:, t] * (v[:, t] - both[..., 1])).unsqueeze(-1) * k_row[:, t]
+            S = (keep[:, t] * S if decay else S) + (coef[:, t] * (v[:, t] - both[..., 1])).unsqueeze(-1) * k_row[:, t]
         return torch.stack(reads, dim=1), S
 
 
@@ -252,7 +259,7 @@ class DeltaMemModel(torch.nn.Module):
             if self.mem is not None:
                 mq, mk, mv, beta = self.mem.inputs(il, a)
                 S = S0[:, il] if S0 is not None else self.empty_state(B)[:, il]
-                reads, S = delta_scan(mq, mk, mv, beta, write, S)
+                reads, S = delta_scan(mq, mk, mv, beta, write, S, decay=self.mem.spec.update_mode == "standard")
                 states.append(S)
                 deltas = self.mem.outputs(il, reads.reshape(B, T, self.mem.spec.R))
                 q = q + deltas["q"] if "q" in deltas else q

@@ -23,7 +23,7 @@ from ..recall.facts import make_episodes
 from .data import build_mix, fact_examples
 from .dev import recall_probe
 from .export import export_gguf
-from .loop import TrainConfig, curriculum_steps, train
+from .loop import TrainConfig, curriculum_steps, resolved, train
 from .model import DeltaMem, DeltaMemModel, FrozenBase
 
 LOG_NAME = "train_log.json"
@@ -36,6 +36,7 @@ def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: i
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    cfg = resolved(cfg)  # bf16 decided for this CPU, so the log and the checkpoint digest say which
     torch.set_num_threads(threads or os.cpu_count() or 1)
     base = FrozenBase(base_path)  # first: a model we cannot train is refused before any data work
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: i
         bar.refresh()
 
     def evaluate(step: int) -> dict:
-        probe = recall_probe(model, dev)
+        probe = recall_probe(model, dev, bf16=bool(cfg.bf16))
         bar.write(f"step {step}: dev value log-prob own {probe['value_logp_own']:.2f} "
                   f"other {probe['value_logp_other']:.2f}, value top-1 {probe['value_top1']:.0%}")
         return probe
