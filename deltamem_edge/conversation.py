@@ -169,8 +169,12 @@ class Conversation:
         readonly: bool = False,
         transcript_turns: int = 8,
         model_label: str = "",
+        context_limit: int | None = None,
     ) -> None:
         self.engine = engine
+        # Positions this conversation may use.  Why below n_ctx: sessions of one Engine share the
+        # KV cells (kv_unified), so a server with N users gives each a share (llama-server's n_ctx/np).
+        self.n_ctx = min(context_limit, engine.n_ctx) if context_limit else engine.n_ctx
         self.max_new_tokens = max_new_tokens
         self.transcript_turns = transcript_turns
         self.readonly = readonly
@@ -328,9 +332,9 @@ class Conversation:
 
     def _make_room(self, needed: int) -> None:
         """Evict old messages until `needed` more tokens fit."""
-        while self.session.n_past + needed > self.engine.n_ctx:
+        while self.session.n_past + needed > self.n_ctx:
             if not self._evict_oldest():
-                raise EngineError(f"{needed} tokens do not fit the context of {self.engine.n_ctx}",
+                raise EngineError(f"{needed} tokens do not fit the context of {self.n_ctx}",
                                   hint="use a larger --ctx-size")
 
     def _prompt_ids(self, messages: list[Message], progress: Progress | None = None) -> list[int]:
@@ -425,6 +429,57 @@ class Conversation:
         self._rendered = text
         return len(recalled)
 
+    def set_context(self, messages: list[Message], *, write: bool = False, room: int = 0) -> int:
+        """Make the KV cache hold exactly ``messages``: an app's view of the conversation so far.
+
+        Why: an HTTP client resends the whole history with every request.  The server shows it to
+        the model without writing it again (``write=False``: it is in the memory already, or it was
+        never ours); a stateless request passes ``write=True``.  Nothing is fed when the cache
+        already holds these messages (the sampled ids of earlier replies stay as they are);
+        otherwise the longest token prefix in the cache is kept and the rest is fed.  A default
+        system prompt the template would insert by itself becomes an explicit first message (as in
+        the constructor).  The oldest non-system messages are left out until the rendering plus
+        ``room`` tokens fit.  Returns how many messages were left out.
+        """
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        default = self._template.default_system()
+        if default and (not msgs or msgs[0]["role"] != "system"):
+            msgs.insert(0, {"role": "system", "content": default})
+        if msgs == self.messages and self._rendered is not None:
+            return 0
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        dropped = 0
+        while True:
+            text = self._template.render(msgs, generation_prompt=False)
+            ids = self._tokenize(text)
+            if len(ids) + room <= self.n_ctx:
+                break
+            if len(msgs) <= first:
+                raise EngineError(f"the system prompt ({len(ids)} tokens) does not fit the context of {self.n_ctx}",
+                                  hint="use a larger --ctx-size or a shorter system prompt")
+            del msgs[first]
+            dropped += 1
+        keep = _common_prefix(self._kv, ids)
+        with deferred_interrupts():
+            self.session.truncate(keep)
+            del self._kv[keep:]
+        self._feed(ids[keep:], write=write and not self.readonly)
+        preamble = 0
+        if first:
+            pre = self._tokenize(self._template.render(msgs[:1], generation_prompt=False))
+            preamble = len(pre) if ids[:len(pre)] == pre else 0
+        self.messages = msgs
+        self._preamble = preamble
+        rest = len(msgs) - (1 if preamble else 0)
+        self._spans = [(len(ids) - preamble, rest)] if rest > 0 else []
+        self._rendered = text
+        return dropped
+
+    def set_sampling(self, params: SamplingParams) -> None:
+        """Sample the next replies with ``params`` (a server sets them per request)."""
+        self._sampler.close()
+        self._sampler = Sampler(params, self.engine.n_vocab)
+
     # -- a turn ----------------------------------------------------------------------------
 
     def say(self, text: str, *, stream: bool = False, progress: Progress | None = None) -> str | Iterator[str]:
@@ -437,13 +492,13 @@ class Conversation:
     def _turn(self, text: str, progress: Progress | None) -> Iterator[str]:
         eng = self.engine
         user = {"role": "user", "content": text}
-        reserve = min(self.max_new_tokens, eng.n_ctx // 2) + 16
+        reserve = min(self.max_new_tokens, self.n_ctx // 2) + 16
         while True:
             written_ids = self._prompt_ids(self.messages + [user], progress)
-            if self.session.n_past + len(written_ids) + reserve <= eng.n_ctx:
+            if self.session.n_past + len(written_ids) + reserve <= self.n_ctx:
                 break
             if not self._evict_oldest():
-                raise EngineError(f"this turn ({len(written_ids)} tokens) does not fit the context of {eng.n_ctx}",
+                raise EngineError(f"this turn ({len(written_ids)} tokens) does not fit the context of {self.n_ctx}",
                                   hint="use a larger --ctx-size, a smaller --predict, or a shorter message")
         self.stats = TurnStats(prompt_tokens=len(written_ids))
         message_ids = self._prompt_message_ids(user, written_ids)
@@ -462,7 +517,7 @@ class Conversation:
                 token = self._sampler.sample(logits[-1])
                 if eng.is_eog(token):
                     break
-                if self.session.n_past + 8 >= eng.n_ctx:
+                if self.session.n_past + 8 >= self.n_ctx:
                     self._make_room(64)
                 generated.append(token)
                 with deferred_interrupts():
@@ -502,9 +557,9 @@ class Conversation:
         cp = self._checkpoint()
         try:
             prompt_ids = self._prompt_ids(self.messages + [user])
-            if self.session.n_past + len(prompt_ids) + len(reply_ids) > eng.n_ctx:
+            if self.session.n_past + len(prompt_ids) + len(reply_ids) > self.n_ctx:
                 raise EngineError(f"this probe ({len(prompt_ids)} + {len(reply_ids)} tokens) does not fit the "
-                                  f"context of {eng.n_ctx} next to {self.session.n_past} tokens",
+                                  f"context of {self.n_ctx} next to {self.session.n_past} tokens",
                                   hint="use a larger n_ctx or a shorter conversation (a probe never evicts)")
             logits = self._feed(prompt_ids, write=write, message_ids=self._prompt_message_ids(user, prompt_ids))
             rows = [logits[-1]] if reply_ids else []

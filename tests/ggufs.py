@@ -68,8 +68,14 @@ def write_tiny_model(
     ftype: str = "f32",
     tied: bool | None = None,
     norm_eps: float = 1e-6,
+    chat_tokenizer: bool = False,
 ) -> Path:
     """Write a random ``arch`` model GGUF that stock llama.cpp loads.
+
+    ``chat_tokenizer=True`` gives it a real (tiny) tokenizer instead of none: byte-level
+    BPE over the 256 bytes plus ChatML's special tokens (``n_vocab`` is then
+    ``len(BYTE_CHAT_TOKENS)``), so that text-level code (chat template, server) can be
+    tested in milliseconds instead of on a real model.
 
     n_layer defaults to 2, or 4 for smollm3 so that llama.cpp's hard-coded NoPE layer
     (il = 3) exists.  ``tied`` defaults per arch (qwen3 untied, others tied: no
@@ -84,6 +90,8 @@ def write_tiny_model(
     if arch == "qwen2" and n_head * head_dim != n_embd:
         raise ValueError("llama.cpp's qwen2 needs n_head * head_dim == n_embd")
     n_layer = n_layer if n_layer is not None else (4 if arch == "smollm3" else 2)
+    if chat_tokenizer:
+        n_vocab = len(BYTE_CHAT_TOKENS)
     tied = _TIED_BY_DEFAULT[arch] if tied is None else tied
     rng = np.random.default_rng(seed)
 
@@ -131,13 +139,45 @@ def write_tiny_model(
     wr.add_rope_freq_base(_ROPE_BASE[arch])
     wr.add_layer_norm_rms_eps(norm_eps)
     wr.add_file_type(FTYPES[ftype])
-    wr.add_vocab_size(n_vocab)
-    wr.add_tokenizer_model("no_vocab")
+    if chat_tokenizer:
+        _add_byte_chat_tokenizer(wr)
+    else:
+        wr.add_vocab_size(n_vocab)
+        wr.add_tokenizer_model("no_vocab")
     for name, arr in w.items():
         data, raw = _encode(arr, ftype)
         wr.add_tensor(name, data, raw_dtype=raw)
     _finish(wr)
     return path
+
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's byte-to-unicode table: the 256 single-byte tokens of a byte-level BPE vocabulary."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+BYTE_CHAT_TOKENS = (*_byte_tokens(), "\u0120t", *CHAT_SPECIAL_TOKENS)  # one merge ("Ġ t"): llama.cpp needs >= 1
+
+
+def _add_byte_chat_tokenizer(wr: gguf.GGUFWriter) -> None:
+    """A gpt2-style tokenizer over BYTE_CHAT_TOKENS; <|im_end|> is EOS, so ChatML replies can end."""
+    n_plain = len(BYTE_CHAT_TOKENS) - len(CHAT_SPECIAL_TOKENS)
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("default")
+    wr.add_token_list(list(BYTE_CHAT_TOKENS))
+    wr.add_token_types([1] * n_plain + [3] * len(CHAT_SPECIAL_TOKENS))  # 1 normal, 3 control
+    wr.add_token_merges(["\u0120 t"])
+    wr.add_bos_token_id(BYTE_CHAT_TOKENS.index("<|endoftext|>"))
+    wr.add_eos_token_id(BYTE_CHAT_TOKENS.index("<|im_end|>"))
+    wr.add_add_bos_token(False)
 
 
 def _finish(wr: gguf.GGUFWriter) -> None:
