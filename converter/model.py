@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TextIO
 
 from deltamem_edge.errors import ConversionError, DeltaMemError
+from deltamem_edge.limits import MAX_HF_CONFIG_BYTES
 
 SCRIPT_NAME = "convert_hf_to_gguf.py"
 # Output types convert_hf_to_gguf.py writes directly.
@@ -175,6 +176,13 @@ def _read_hf_config(hf_dir: Path) -> dict:
         )
     cfg_path = hf_dir / "config.json"
     try:
+        size = cfg_path.stat().st_size
+        if size > MAX_HF_CONFIG_BYTES:
+            raise ConversionError(
+                f"config.json is {size} bytes (limit {MAX_HF_CONFIG_BYTES}); a model config is a few KB",
+                path=cfg_path,
+                hint="is this a Hugging Face model directory?",
+            )
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConversionError(
@@ -182,8 +190,8 @@ def _read_hf_config(hf_dir: Path) -> dict:
             path=hf_dir,
             hint="download the whole model repository (huggingface-cli download <repo> --local-dir <dir>)",
         ) from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConversionError(f"cannot read config.json ({e})", path=cfg_path) from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConversionError(f"cannot read config.json ({type(e).__name__}: {e})", path=cfg_path) from None
     if not isinstance(cfg, dict):
         raise ConversionError("config.json is not a JSON object", path=cfg_path)
     return cfg

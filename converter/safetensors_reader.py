@@ -4,7 +4,9 @@ Why our own reader: the format is simple (8-byte little-endian header length, a
 JSON header, raw bytes), the converter must not depend on torch, and an adapter
 file from the internet deserves the same bounds checks as our pickle reader: the
 header length, every offset and every size are checked against the real file
-size before anything is allocated or read.
+size, and against the caller's ``ReadLimits`` (the converter derives them from the
+base model), before anything is allocated or read.  Each tensor is read straight
+into an array of its checked size.
 
 Format: ``u64 n`` | ``n`` bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__"?}``
 | data, with offsets relative to the start of the data section.
@@ -22,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from deltamem_edge.errors import ConversionError
+from deltamem_edge.limits import DEFAULT_READ_LIMITS, INT64_MAX, MAX_TENSOR_NDIM, ReadLimits
 
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
-DEFAULT_MAX_TOTAL_BYTES = 8 << 30
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit; ReadLimits is usually far lower
 
 # dtype → (bytes per element, numpy dtype read from disk)
 _DTYPES: dict[str, tuple[int, str]] = {"F32": (4, "<f4"), "F16": (2, "<f2"), "BF16": (2, "<u2")}
@@ -57,8 +59,18 @@ def _parse_entry(name: str, entry: Any, data_size: int, path: Path) -> tuple[str
             path=path,
             hint="cast the tensors to float32 or bfloat16 before saving",
         )
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape) or len(shape) > 32:
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_TENSOR_NDIM
+        or not all(_is_int(d) and 0 <= d <= INT64_MAX for d in shape)
+    ):
         raise ConversionError(f"tensor {name!r} has invalid shape {shape!r:.80}", path=path, hint=_HINT)
+    if math.prod(shape) > INT64_MAX:
+        raise ConversionError(
+            f"tensor {name!r} of shape {tuple(shape)} has {math.prod(shape)} elements, which overflows int64",
+            path=path,
+            hint=_HINT,
+        )
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise ConversionError(f"tensor {name!r} has invalid data_offsets {offsets!r:.80}", path=path, hint=_HINT)
     begin, end = offsets
@@ -78,12 +90,14 @@ def _parse_entry(name: str, entry: Any, data_size: int, path: Path) -> tuple[str
     return dtype, tuple(shape), begin, end
 
 
-def read_safetensors(path: str | Path, *, max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES) -> dict[str, np.ndarray]:
+def read_safetensors(path: str | Path, *, limits: ReadLimits = DEFAULT_READ_LIMITS) -> dict[str, np.ndarray]:
     """Return ``{name: array}`` from a safetensors file.
 
-    F32 → float32, F16 → float16, BF16 → float32 (exact).  Any inconsistent or
-    oversized header raises ``ConversionError`` before data is allocated.
+    F32 → float32, F16 → float16, BF16 → float32 (exact).  Any inconsistent
+    header, or one that needs more than ``limits``, raises ``ConversionError``
+    before data is allocated.
     """
+    max_header = min(MAX_HEADER_BYTES, limits.max_safetensors_header_bytes)
     path = Path(path)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed in the finally below
@@ -97,9 +111,10 @@ def read_safetensors(path: str | Path, *, max_total_bytes: int = DEFAULT_MAX_TOT
         if len(head) != 8:
             raise ConversionError("file is shorter than the 8-byte safetensors header length", path=path)
         n = int.from_bytes(head, "little")
-        if n > MAX_HEADER_BYTES:
+        if n > max_header:
             raise ConversionError(
-                f"header length {n} exceeds the {MAX_HEADER_BYTES} byte limit; not a valid safetensors file",
+                f"header length {n} exceeds the {max_header} byte limit for {limits.max_entries} tensors; "
+                "not a valid adapter safetensors file",
                 path=path,
                 hint=_HINT,
             )
@@ -120,13 +135,23 @@ def read_safetensors(path: str | Path, *, max_total_bytes: int = DEFAULT_MAX_TOT
         if meta is not None and not isinstance(meta, dict):
             raise ConversionError("__metadata__ is not an object", path=path, hint=_HINT)
 
+        if len(header) > limits.max_entries:
+            raise ConversionError(
+                f"header lists {len(header)} tensors (limit {limits.max_entries})",
+                path=path,
+                hint="is this really an adapter for this base model?",
+            )
         data_start = 8 + n
         data_size = file_size - data_start
         entries = {name: _parse_entry(name, e, data_size, path) for name, e in header.items()}
 
         total = sum(math.prod(shape) * (4 if dt == "BF16" else _DTYPES[dt][0]) for dt, shape, _, _ in entries.values())
-        if total > max_total_bytes:
-            raise ConversionError(f"tensors total {total} bytes, over the {max_total_bytes} byte limit", path=path)
+        if total > limits.max_tensor_bytes:
+            raise ConversionError(
+                f"tensors total {total} bytes, over the {limits.max_tensor_bytes} byte limit",
+                path=path,
+                hint="the limit is the largest adapter its config allows on this base model",
+            )
         spans = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
         for (_, e0, a), (b1, _, b) in itertools.pairwise(spans):
             if b1 < e0:
@@ -135,15 +160,16 @@ def read_safetensors(path: str | Path, *, max_total_bytes: int = DEFAULT_MAX_TOT
         out: dict[str, np.ndarray] = {}
         for name, (dtype, shape, begin, end) in entries.items():
             f.seek(data_start + begin)
-            buf = f.read(end - begin)
-            if len(buf) != end - begin:
+            arr = np.empty(shape, dtype=_DTYPES[dtype][1])
+            if f.readinto(memoryview(arr.reshape(-1)).cast("B")) != end - begin:
                 raise ConversionError(f"file is truncated inside tensor {name!r}", path=path)
-            arr = np.frombuffer(buf, dtype=_DTYPES[dtype][1]).reshape(shape)
             if dtype == "BF16":
                 # bf16 is the top half of an IEEE float32: widening by a 16-bit shift is exact.
-                arr = (arr.astype(np.uint32) << np.uint32(16)).view(np.float32)
+                wide = arr.astype(np.uint32)
+                wide <<= np.uint32(16)
+                arr = wide.view(np.float32)
             else:
-                arr = arr.astype(np.float32 if dtype == "F32" else np.float16)
+                arr = arr.astype(np.float32 if dtype == "F32" else np.float16, copy=False)
             out[name] = arr
         return out
     finally:

@@ -38,8 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from . import statefile
+from .args import check_bool, check_int
 from .engine import Engine
-from .errors import EngineError
+from .errors import ArgumentError, EngineError
 from .fingerprint import adapter_fingerprint
 from .sampling import Sampler, SamplingParams
 
@@ -171,6 +172,22 @@ class Conversation:
         model_label: str = "",
         context_limit: int | None = None,
     ) -> None:
+        # Checked before anything is opened: a float max_new_tokens or a "false" readonly string
+        # would otherwise fail mid-turn or silently mean True.
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=0, high=2**31 - 1)
+        recall_turns = check_int("recall_turns", recall_turns, low=0, high=2**31 - 1)
+        transcript_turns = check_int("transcript_turns", transcript_turns, low=0, high=2**31 - 1)
+        readonly = check_bool("readonly", readonly)
+        if context_limit is not None:
+            context_limit = check_int("context_limit", context_limit, low=0, high=2**32 - 1)
+        if memory is not None and not isinstance(memory, (str, Path)):
+            raise ArgumentError(f"memory must be a path (str or Path) or None, got {type(memory).__name__}")
+        if system is not None and not isinstance(system, str):
+            raise ArgumentError(f"system must be a str or None, got {type(system).__name__}")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise ArgumentError(f"sampling must be a SamplingParams or None, got {type(sampling).__name__}")
+        if not isinstance(model_label, str):
+            raise ArgumentError(f"model_label must be a str, got {type(model_label).__name__}")
         self.engine = engine
         # Positions this conversation may use.  Why below n_ctx: sessions of one Engine share the
         # KV cells (kv_unified), so a server with N users gives each a share (llama-server's n_ctx/np).
@@ -413,6 +430,7 @@ class Conversation:
 
     def recall(self, n_turns: int, progress: Progress | None = None) -> int:
         """Replay the last `n_turns` user turns of the transcript into the context, writes off."""
+        n_turns = check_int("n_turns", n_turns, low=0)
         recalled = statefile.trim_transcript(self.history, n_turns) if n_turns > 0 else []
         if not recalled:
             return 0
@@ -477,6 +495,8 @@ class Conversation:
 
     def set_sampling(self, params: SamplingParams) -> None:
         """Sample the next replies with ``params`` (a server sets them per request)."""
+        if not isinstance(params, SamplingParams):
+            raise ArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
         self._sampler.close()
         self._sampler = Sampler(params, self.engine.n_vocab)
 
@@ -486,6 +506,8 @@ class Conversation:
         """Answer `text`.  With stream=True, an iterator of text pieces (closing it stops the reply)."""
         if self._closed:
             raise EngineError("this conversation is closed")
+        if not isinstance(text, str):
+            raise ArgumentError(f"text must be a str, got {type(text).__name__}")
         gen = self._turn(text, progress)
         return gen if stream else "".join(gen)
 

@@ -25,7 +25,8 @@ import numpy as np
 
 from . import _bindings
 from ._bindings import dmem, llama_lib
-from .errors import AdapterError, EngineError, ModelLoadError
+from .args import check_bool, check_int, int_array
+from .errors import AdapterError, ArgumentError, EngineError, ModelLoadError
 
 ADAPTER_SUFFIX = ".dmem.gguf"  # converter default: <model stem>.dmem.gguf next to the model
 
@@ -88,8 +89,15 @@ class Engine:
         if not self.model_path.is_file():
             raise ModelLoadError("model file not found", path=self.model_path,
                                  hint="pass the path of a .gguf model file")
-        if n_ctx < 16 or n_seq_max < 1 or n_batch < 1:
-            raise EngineError(f"invalid sizes: n_ctx={n_ctx}, n_seq_max={n_seq_max}, n_batch={n_batch}")
+        u32 = 2**32 - 1  # the C parameters are uint32 / int32: larger values would wrap, not fail
+        n_ctx = check_int("n_ctx", n_ctx, low=16, high=u32)
+        n_seq_max = check_int("n_seq_max", n_seq_max, low=1, high=u32)
+        n_batch = check_int("n_batch", n_batch, low=1, high=u32)
+        n_ubatch = None if n_ubatch is None else check_int("n_ubatch", n_ubatch, low=1, high=u32)
+        n_threads = None if n_threads is None else check_int("n_threads", n_threads, low=0, high=4096)  # 0: default
+        n_gpu_layers = check_int("n_gpu_layers", n_gpu_layers, low=-1, high=2**31 - 1)
+        f32_kv = check_bool("f32_kv", f32_kv)
+        flash_attn = None if flash_attn is None else check_bool("flash_attn", flash_attn)
 
         mparams = llama_lib.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
@@ -317,9 +325,10 @@ class Session:
         of its tokens.  It must fit one ubatch (``n_batch``).  Token-granularity adapters
         ignore the ids.
         """
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if logits not in ("all", "last", "none"):
-            raise ValueError("logits must be 'all', 'last' or 'none'")
+        ids = int_array("token ids", ids)
+        write = check_bool("write", write)
+        if not isinstance(logits, str) or logits not in ("all", "last", "none"):
+            raise ArgumentError(f"logits must be 'all', 'last' or 'none', got {logits!r:.40}")
         segment_ids = self._segment_ids(ids, message_ids, write)
         eng = self.engine
         with eng._lock:
@@ -368,9 +377,13 @@ class Session:
         """Validated int32 segment ids for this call, or None when they change nothing."""
         if message_ids is None:
             return None
-        mids = np.ascontiguousarray(message_ids, dtype=np.int32).reshape(-1)
-        if mids.size != ids.size:
-            raise EngineError(f"{mids.size} message ids for {ids.size} tokens: give one id per token")
+        mids64 = int_array("message ids", message_ids)
+        if mids64.size != ids.size:
+            raise ArgumentError(f"{mids64.size} message ids for {ids.size} tokens: give one id per token")
+        if mids64.size and (mids64.min() < -1 or mids64.max() > np.iinfo(np.int32).max):
+            raise ArgumentError(f"message ids must be -1 (not written) or in 0..{np.iinfo(np.int32).max}, got "
+                                f"{int(mids64.min())}..{int(mids64.max())}")
+        mids = np.ascontiguousarray(mids64, dtype=np.int32)  # exact: the range was checked
         info = self.engine.adapter
         if not write or info is None or info.write_granularity == "token" or ids.size <= 1:
             return None  # a one-token call writes the same way per token or per message
@@ -386,6 +399,7 @@ class Session:
         Used when the context fills: old turns leave the KV cache but already live in the
         state.  The δ-state is never touched here.
         """
+        p0, p1 = check_int("p0", p0), check_int("p1", p1)
         eng = self.engine
         with eng._lock:
             self._check()
@@ -399,6 +413,7 @@ class Session:
 
     def truncate(self, n_keep: int) -> None:
         """Drop KV positions from n_keep on (undo tokens that were fed with write=False)."""
+        n_keep = check_int("n_keep", n_keep)
         eng = self.engine
         with eng._lock:
             self._check()
@@ -429,16 +444,31 @@ class Session:
             return out
 
     def set_state(self, state: np.ndarray) -> None:
-        """Replace this session's δ-state (shape and finiteness are checked; on error nothing changes)."""
+        """Replace this session's δ-state with ``state``, exactly.
+
+        ``state`` must be a float32 ndarray of shape ``adapter.state_shape`` with
+        finite values; anything else (float64, int, a nested list, another shape)
+        raises ``ArgumentError`` (an ``EngineError``) naming the dtype or shape, and
+        the state is unchanged.  Why no cast: float64 → float32 rounds, and turns a
+        finite 1e39 into inf; convert explicitly with ``np.asarray(x, np.float32)``
+        if that is what you mean.  Non-contiguous float32 arrays are copied as is.
+        """
         eng = self.engine
         with eng._lock:
             self._check()
             info = self._require_adapter()
-            arr = np.ascontiguousarray(state, dtype=np.float32)
-            if arr.shape != info.state_shape:
-                raise EngineError(f"state has shape {arr.shape}, this adapter needs {info.state_shape}")
+            if not isinstance(state, np.ndarray):
+                raise ArgumentError(f"state must be a float32 numpy array, got {type(state).__name__}; nothing "
+                                    "was changed", hint="convert explicitly: np.asarray(x, np.float32)")
+            if state.dtype != np.float32:
+                raise ArgumentError(f"state has dtype {state.dtype}, the δ-state is float32; nothing was changed",
+                                    hint="convert explicitly if you accept the rounding: np.asarray(x, np.float32)")
+            if state.shape != info.state_shape:
+                raise ArgumentError(f"state has shape {state.shape}, this adapter needs {info.state_shape}; "
+                                    "nothing was changed")
+            arr = np.ascontiguousarray(state)
             if not np.isfinite(arr).all():
-                raise EngineError("state holds NaN or Inf values; nothing was changed")
+                raise ArgumentError("state holds NaN or Inf values; nothing was changed")
             rc = dmem.llama_dmem_state_set(eng._ctx, self.seq, arr.ctypes.data_as(_bindings.c_float_p), arr.size)
             if rc != 0:
                 raise EngineError(dmem.last_error())

@@ -62,3 +62,9 @@ class GGUFFormatError(ConversionError, AdapterError, ModelLoadError):
 
 class EngineError(DeltaMemError):
     """A decode or state operation failed inside the engine."""
+
+
+class ArgumentError(EngineError, ValueError):
+    """A public call (Session, SamplingParams, Conversation) got an argument of the wrong type,
+    shape or range.  Nothing was converted and nothing was changed: a float64 state or a float
+    token id is refused rather than silently cast (``deltamem_edge.args``)."""

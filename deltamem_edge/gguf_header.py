@@ -6,12 +6,19 @@ well under a second, can skip long arrays altogether, and checks every length an
 offset against the file size (a malformed file gives ``GGUFFormatError`` naming
 the file, never a crash or a huge allocation).  Used by the adapter fingerprint,
 ``verify``, the converter and ``inspect``.
+
+Beyond the file size, every declared size is bounded by what a real model needs
+(``deltamem_edge.limits``: string and key lengths, array items, tensor name
+length, dims, int64 element counts, alignment), the checks llama.cpp's own
+``gguf.cpp`` grew after its overflow CVEs.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +28,15 @@ import gguf
 import numpy as np
 
 from .errors import GGUFFormatError
+from .limits import (
+    GGUF_MAX_ALIGNMENT,
+    GGUF_MAX_ARRAY_ITEMS,
+    GGUF_MAX_DIMS,
+    GGUF_MAX_KEY_BYTES,
+    GGUF_MAX_STRING_BYTES,
+    GGUF_MAX_TENSOR_NAME_BYTES,
+    INT64_MAX,
+)
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -33,7 +49,6 @@ _NP: dict[int, str] = {
     _VT.UINT8: "<u1", _VT.INT8: "<i1", _VT.UINT16: "<u2", _VT.INT16: "<i2", _VT.UINT32: "<u4", _VT.INT32: "<i4",
     _VT.FLOAT32: "<f4", _VT.BOOL: "?", _VT.UINT64: "<u8", _VT.INT64: "<i8", _VT.FLOAT64: "<f8",
 }
-_MAX_DIMS = 8
 
 
 @dataclass(frozen=True)
@@ -123,14 +138,21 @@ class _Cursor:
         self.pos += n
         return out
 
-    def string(self) -> str:
+    def length(self, limit: int, what: str) -> int:
+        """A u64 length field, refused above ``limit`` before anything is sized from it."""
+        n = self.unpack("<Q")
+        if n > limit:
+            raise self.fail(f"{what} of {n} bytes (limit {limit})")
+        return n
+
+    def string(self, limit: int = GGUF_MAX_STRING_BYTES, what: str = "a string") -> str:
         try:
-            return self.raw(self.unpack("<Q")).decode("utf-8")
+            return self.raw(self.length(limit, what)).decode("utf-8")
         except UnicodeDecodeError as e:
             raise self.fail(f"invalid UTF-8 string ({e.reason})") from None
 
     def skip_string(self) -> None:
-        n = self.unpack("<Q")
+        n = self.length(GGUF_MAX_STRING_BYTES, "a string")
         if self.pos + n > self.size:
             raise self.fail(f"a length of {n} bytes runs past the end of the file")
         self.pos += n
@@ -145,6 +167,8 @@ class _Cursor:
         itype, count = self.unpack("<I"), self.unpack("<Q")
         if itype == _VT.ARRAY:
             raise self.fail("nested arrays are not supported")
+        if count > GGUF_MAX_ARRAY_ITEMS:
+            raise self.fail(f"an array of {count} items (limit {GGUF_MAX_ARRAY_ITEMS})")
         if itype in _NP:
             nbytes = count * np.dtype(_NP[itype]).itemsize
             data = self.raw(nbytes)
@@ -175,7 +199,14 @@ def read_gguf_header(path: str | Path, *, max_array: int | None = 4096) -> GGUFH
     if path.is_dir():
         raise GGUFFormatError("is a directory, not a GGUF file", path=path)
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a FIFO must not hang us
+    except OSError as e:
+        raise GGUFFormatError(f"cannot read the file ({e})", path=path) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise GGUFFormatError("is not a regular file", path=path, hint="pass a .gguf file")
+        with open(fd, "rb") as f:
             size = f.seek(0, 2)
             if size < 24:
                 raise GGUFFormatError(
@@ -185,7 +216,7 @@ def read_gguf_header(path: str | Path, *, max_array: int | None = 4096) -> GGUFH
                 )
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 return _parse(path, mm, size, max_array)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: mmap of a file another process just emptied
         raise GGUFFormatError(f"cannot read the file ({e})", path=path) from None
 
 
@@ -205,21 +236,30 @@ def _parse(path: Path, mm: Any, size: int, max_array: int | None) -> GGUFHeader:
     fields: dict[str, Any] = {}
     types: dict[str, tuple[int, ...]] = {}
     for _ in range(n_kv):
-        key = cur.string()
+        key = cur.string(GGUF_MAX_KEY_BYTES, "a key")
         value, vt = cur.value(cur.unpack("<I"), max_array)
         if key in fields:
             raise cur.fail(f"duplicate key {key}")
         fields[key], types[key] = value, vt
     alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFFormatError(f"general.alignment is {alignment!r}; it must be a power of two", path=path)
+    bad_alignment = not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0
+    if bad_alignment or alignment & (alignment - 1) or alignment > GGUF_MAX_ALIGNMENT:
+        raise GGUFFormatError(
+            f"general.alignment is {alignment!r:.40}; it must be a power of two up to {GGUF_MAX_ALIGNMENT}", path=path
+        )
     raw_tensors = []
+    names: set[str] = set()
     for _ in range(n_tensors):
-        name = cur.string()
+        name = cur.string(GGUF_MAX_TENSOR_NAME_BYTES, "a tensor name")
+        if name in names:
+            raise cur.fail(f"duplicate tensor name {name}")
+        names.add(name)
         n_dims = cur.unpack("<I")
-        if not 1 <= n_dims <= _MAX_DIMS:
-            raise cur.fail(f"tensor {name} has {n_dims} dimensions")
+        if not 1 <= n_dims <= GGUF_MAX_DIMS:
+            raise cur.fail(f"tensor {name} has {n_dims} dimensions (1..{GGUF_MAX_DIMS})")
         shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
+        if any(d > INT64_MAX for d in shape) or math.prod(shape) > INT64_MAX:
+            raise cur.fail(f"tensor {name} of shape {shape} has more elements than int64 holds")
         raw_tensors.append((name, shape, cur.unpack("<I"), cur.unpack("<Q")))
     data_offset = -(-cur.pos // alignment) * alignment
     tensors = []
@@ -233,6 +273,8 @@ def _parse(path: Path, mm: Any, size: int, max_array: int | None) -> GGUFHeader:
         if shape[0] % block:
             raise GGUFFormatError(f"tensor {name}: row of {shape[0]} is not a multiple of {qtype.name} blocks", path=path)
         nbytes = n // block * type_size
+        if rel % alignment:
+            raise GGUFFormatError(f"tensor {name}: data offset {rel} is not a multiple of {alignment}", path=path)
         start = data_offset + rel
         if start + nbytes > size:
             raise GGUFFormatError(

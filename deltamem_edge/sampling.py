@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._bindings import llama_lib
+from .args import check_float, check_int
 
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
 
@@ -25,6 +26,9 @@ class SamplingParams:
     """llama.cpp's names and defaults (``--temp 0.8 --top-k 40 --top-p 0.95 --min-p 0.05``).
 
     ``temp <= 0`` means greedy.  ``seed = -1`` picks a random seed (see ``Sampler.seed``).
+    Every field is checked on construction (``ArgumentError``): a NaN temperature
+    or top-p used to switch a sampler stage off silently, and a seed of 2**32 or
+    more was truncated to 32 bits by ctypes, so two "different" seeds gave one run.
     """
 
     temp: float = 0.8
@@ -32,6 +36,14 @@ class SamplingParams:
     top_p: float = 0.95
     min_p: float = 0.05
     seed: int = -1
+
+    def __post_init__(self) -> None:
+        # object.__setattr__: the dataclass is frozen; store the checked, plain-Python values.
+        object.__setattr__(self, "temp", check_float("temp", self.temp))
+        object.__setattr__(self, "top_k", check_int("top_k", self.top_k, low=0, high=2**31 - 1))
+        object.__setattr__(self, "top_p", check_float("top_p", self.top_p, low=0.0, high=1.0))
+        object.__setattr__(self, "min_p", check_float("min_p", self.min_p, low=0.0, high=1.0))
+        object.__setattr__(self, "seed", check_int("seed", self.seed, low=-1, high=2**32 - 1))
 
 
 class Sampler:
