@@ -8,7 +8,6 @@ with a placeholder adapter) is used, and the first line says so.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -26,8 +25,9 @@ HELP = """commands:
 
 
 def data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "deltamem-edge"
+    from deltamem_edge.paths import data_dir as _data_dir
+
+    return _data_dir()
 
 
 def default_memory_path(model: Path) -> Path:
@@ -69,8 +69,9 @@ def _save_history(readline, hist: Path) -> None:  # noqa: ANN001
 
 
 def chat(
-    model: Path = typer.Option(None, "--model", "-m", help="Model GGUF (default: the embedded SmolLM2-135M-Instruct)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Model GGUF, or the name of an installed model (`deltamem-edge list`; default: the embedded SmolLM2-135M-Instruct)."),
     adapter: Path = typer.Option(None, "--adapter", "-a", help="δ-mem adapter GGUF (default: bundled in the model, or <model>.dmem.gguf next to it)."),
+    hf_repo: str = typer.Option(None, "--hf-repo", "-hf", help="δ-mem adapter repository on the Hugging Face Hub, REPO[:QUANT]: the installed model pulled from it, pulled now if there is none."),
     memory: str = typer.Option(None, "--memory", help="Memory state file (default: one per model in ~/.local/share/deltamem-edge/memories; 'none' for no memory)."),
     ctx_size: int = typer.Option(4096, "--ctx-size", "-c", min=16, max=2**32 - 1, help="Context size in tokens."),
     predict: int = typer.Option(512, "--predict", "-n", min=0, max=2**31 - 1, help="Max tokens per reply."),
@@ -90,14 +91,18 @@ def chat(
     from deltamem_edge.conversation import Conversation
     from deltamem_edge.engine import Engine
     from deltamem_edge.fingerprint import short
+    from deltamem_edge.hub.resolve import resolve_model
     from deltamem_edge.sampling import SamplingParams
 
+    resolved = resolve_model(model, adapter, hf=hf_repo)
+    model, adapter = resolved.model, resolved.adapter
     embedded = model is None
     if embedded:
         model = defaults.default_model_path()
         if adapter is None:
             adapter = defaults.default_adapter_path()
-    mem_path = None if (memory or "").lower() == "none" else Path(memory) if memory else default_memory_path(model)
+    label = Path(f"{resolved.name}.gguf") if resolved.name else model  # an installed model's memory is per name
+    mem_path = None if (memory or "").lower() == "none" else Path(memory) if memory else default_memory_path(label)
     if mem_path is not None:
         mem_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -113,7 +118,7 @@ def chat(
             print(f"deltamem-edge chat · embedded default model: SmolLM2-135M-Instruct (Q4_1, {model})")
             print(f"  adapter: {defaults.PLACEHOLDER_LABEL}")
         else:
-            print(f"deltamem-edge chat · model: {model}")
+            print(f"deltamem-edge chat · model: {f'{resolved.name} ({model})' if resolved.name else model}")
             if engine.adapter:
                 print(f"  adapter: {engine.adapter.path}{' (bundled)' if engine.adapter.bundled else ''}")
         if conv.memory_path:

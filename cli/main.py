@@ -46,7 +46,7 @@ def _register() -> None:
     app.command("verify")(verify.verify)
     app.command("eval-memory")(eval_memory.eval_memory)
     memory.register(memory_app)
-    for optional in ("convert", "inspect_cmd", "bench", "train_cmd", "serve"):
+    for optional in ("convert", "inspect_cmd", "bench", "train_cmd", "serve", "hub_cmd"):
         try:
             module = __import__(f"{__package__}.{optional}", fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -45,8 +45,9 @@ def _read_keys(api_key: str | None, api_key_file: Path | None) -> list[str]:
 
 
 def serve(
-    model: Path = typer.Option(None, "--model", "-m", help="Model GGUF (default: the embedded SmolLM2-135M-Instruct)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Model GGUF, or the name of an installed model (`deltamem-edge list`; default: the embedded SmolLM2-135M-Instruct)."),
     adapter: Path = typer.Option(None, "--adapter", "-a", help="δ-mem adapter GGUF (default: bundled, or <model>.dmem.gguf next to it)."),
+    hf_repo: str = typer.Option(None, "--hf-repo", "-hf", help="δ-mem adapter repository on the Hugging Face Hub, REPO[:QUANT]: the installed model pulled from it, pulled now if there is none."),
     memory_dir: Path = typer.Option(None, "--memory-dir", help="Where the memory files live (default: ~/.local/share/deltamem-edge/server-memories)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: loopback only)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
@@ -73,12 +74,15 @@ def serve(
     from deltamem_edge import defaults
     from deltamem_edge.conversation import Conversation
     from deltamem_edge.engine import Engine
+    from deltamem_edge.hub.resolve import resolve_model
     from deltamem_edge.server.app import ServerState, create_app
     from deltamem_edge.server.completion import SamplingDefaults
     from deltamem_edge.server.memories import MemoryPool
     from deltamem_edge.server.protocol import Limits
 
     keys = _read_keys(api_key, api_key_file)
+    resolved = resolve_model(model, adapter, hf=hf_repo)
+    model, adapter = resolved.model, resolved.adapter
     if model is None:
         model = defaults.default_model_path()
         if adapter is None:
@@ -93,7 +97,7 @@ def serve(
     if engine.adapter is None:
         engine.close()
         raise typer.BadParameter("this model has no δ-mem adapter: pass --adapter (or a bundled model)")
-    name = model.name.removesuffix(".gguf")
+    name = resolved.name or model.name.removesuffix(".gguf")
 
     def open_conversation(path: Path | None) -> Conversation:
         return Conversation(engine, path, system="", max_new_tokens=predict, transcript_turns=transcript_turns,

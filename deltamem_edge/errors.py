@@ -68,3 +68,17 @@ class ArgumentError(EngineError, ValueError):
     """A public call (Session, SamplingParams, Conversation) got an argument of the wrong type,
     shape or range.  Nothing was converted and nothing was changed: a float64 state or a float
     token id is refused rather than silently cast (``deltamem_edge.args``)."""
+
+
+class HubError(DeltaMemError):
+    """A model could not be pulled from the Hugging Face Hub: the repository is missing, unreachable, not in
+    the cache while offline, or holds files that are not what deltamem-edge expects.  The message names the
+    repository; nothing was installed (``deltamem_edge.hub``)."""
+
+
+class HubOfflineError(HubError):
+    """Offline (``HF_HUB_OFFLINE=1`` or no network) and the repository is not in the local cache."""
+
+
+class DownloadIntegrityError(HubError):
+    """A downloaded file's sha256 (or git blob id) differs from the hub's metadata; the bad copy was removed."""
