@@ -43,13 +43,13 @@ from deltamem_edge import gguf_schema as S
 from deltamem_edge.errors import AdapterError, ConversionError, DeltaMemError
 from deltamem_edge.gguf_header import GGUFHeader, LongArray, read_gguf_header
 from deltamem_edge.limits import ReadLimits
+from deltamem_edge.supported import SUPPORTED_ARCHS
 
 from .config import CONFIG_FILENAME, DeltaMemConfig, load_config
 from .safetensors_reader import read_safetensors
 from .torch_zip import read_torch_zip
 
 WEIGHTS_FILENAME = "delta_mem_adapter.pt"
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "smollm3")
 # Archs whose q/k projection rows convert_hf_to_gguf permutes (LlamaModel.permute; SmolLM3Model inherits it).
 ROPE_PERMUTED_ARCHS = ("llama", "smollm3")
 ROPE_PERMUTED_NOTE = "δ_q/δ_k rows permuted like convert_hf_to_gguf's llama q/k"

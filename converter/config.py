@@ -19,6 +19,7 @@ from typing import Any
 
 from deltamem_edge import gguf_schema as S
 from deltamem_edge.errors import ConversionError
+from deltamem_edge.supported import MAX_RANK, MAX_STATE_HEADS
 
 CONFIG_FILENAME = "delta_mem_config.json"
 MAX_CONFIG_BYTES = 1 << 20
@@ -182,14 +183,15 @@ def config_from_dict(data: Mapping[str, Any], *, path: str | Path | None = None)
             raise _err(p, f"archived option {key} is {data[key]!r:.60}; only {forced!r} is supported (as upstream)")
 
     rank = _int(data, "rank", 8, p)
-    if not 1 <= rank <= S.MAX_RANK:
-        raise _err(p, f"rank is {rank}; it must be between 1 and {S.MAX_RANK}", "the engine pads state rows to 32")
+    if not 1 <= rank <= MAX_RANK:
+        raise _err(p, f"rank is {rank}; it must be between 1 and {MAX_RANK}", f"the engine pads state rows to {MAX_RANK}")
     alpha = _float(data, "alpha", 16.0, p)
     if alpha <= 0:
         raise _err(p, f"alpha is {alpha}; it must be > 0")
     heads = _int(data, "num_state_heads", 1, p)
-    if heads < 1:
-        raise _err(p, f"num_state_heads is {heads}; it must be >= 1")
+    if not 1 <= heads <= MAX_STATE_HEADS:
+        raise _err(p, f"num_state_heads is {heads}; it must be between 1 and {MAX_STATE_HEADS}",
+                   f"the engine loads at most {MAX_STATE_HEADS} state heads")
     eps = _float(data, "delta_o_rmsnorm_eps", 1e-6, p)
     if eps <= 0:
         raise _err(p, f"delta_o_rmsnorm_eps is {eps}; it must be > 0")

@@ -35,6 +35,7 @@ from typing import TextIO
 
 from deltamem_edge.errors import ConversionError, DeltaMemError
 from deltamem_edge.limits import MAX_HF_CONFIG_BYTES
+from deltamem_edge.supported import HF_ARCHS
 
 SCRIPT_NAME = "convert_hf_to_gguf.py"
 # Output types convert_hf_to_gguf.py writes directly.
@@ -64,7 +65,7 @@ OUTTYPES = DIRECT_OUTTYPES + tuple(QUANT_OUTTYPES)
 REQUIRED_MODULES = ("torch", "transformers", "sentencepiece", "safetensors")
 INSTALL_HINT = "pip install 'deltamem-edge[convert]'"
 # HF architectures δ-mem adapters exist for (others convert fine but can only run without δ-mem).
-DELTAMEM_HF_ARCHS = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "SmolLM3ForCausalLM")
+DELTAMEM_HF_ARCHS = tuple(HF_ARCHS)
 
 STDERR = object()  # convert_model's default echo: whatever sys.stderr is at call time
 _TAIL_CHARS = 16384

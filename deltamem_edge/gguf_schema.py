@@ -3,7 +3,8 @@
 Why a module of constants: the converter writes these names, the native loader
 (``native/src/llama-dmem.cpp``) and the numpy reference read them, and a typo in
 one of three places would be a silent mismatch.  gguf-py keeps its keys the same
-way (``gguf.constants.Keys``).  This module imports nothing of ours.
+way (``gguf.constants.Keys``).  This module imports nothing of ours.  What values the
+engine accepts (rank, state heads, layers, architectures) is ``supported.py``'s job.
 
 Layout conventions (see ``docs/adapter-gguf.md`` for the full schema):
 
@@ -35,8 +36,8 @@ KEY_ADAPTER_TYPE = "adapter.type"
 
 _P = "adapter.deltamem."
 KEY_VERSION = _P + "version"  # u32, SCHEMA_VERSION
-KEY_RANK = _P + "rank"  # u32, r (1..32)
-KEY_STATE_HEADS = _P + "state_heads"  # u32, H >= 1
+KEY_RANK = _P + "rank"  # u32, r in 1..supported.MAX_RANK
+KEY_STATE_HEADS = _P + "state_heads"  # u32, H in 1..supported.MAX_STATE_HEADS
 KEY_ALPHA = _P + "alpha"  # f32, δ scale s = alpha / rank
 KEY_UPDATE_MODE = _P + "update_mode"  # str, one of UPDATE_MODES
 KEY_COUPLE_LAMBDA = _P + "couple_lambda"  # bool
@@ -58,7 +59,6 @@ ROW_ORDER_GDN = "gdn"
 
 DEFAULT_NORM_EPS = 1e-6
 DEFAULT_GATE_CLAMP = 20.0
-MAX_RANK = 32  # the engine pads each state row to 16 or 32 keys (GPU scan kernel sizes)
 
 # Tensor names; ``{bid}`` is the base layer index, as in gguf-py's MODEL_TENSOR names.
 TENSOR_IN = "blk.{bid}.dmem_in.weight"  # ne [n_embd, 4R or 5R]: q, k, v, beta(, lambda)

@@ -5,8 +5,8 @@ Why a module of its own: every reader of untrusted bytes (the ``.pt`` and
 JSON inputs) must size its allocations by what the data *needs*, never by a
 size field it has not checked.  The numbers below say what "needs" means; the
 readers import them, the tests and ``docs/reliability.md`` quote them.  The
-state-file format keeps its own bounds next to its layout (``statefile.py``,
-which imports nothing of ours by design).
+state-file format keeps its own bounds next to its layout (``statefile/format.py``);
+what shapes an adapter may have is ``supported.py``'s job.
 
 ``ReadLimits`` carries the two limits that depend on the file's purpose: the
 converter derives them from the base model's shapes and the adapter config

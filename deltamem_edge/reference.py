@@ -32,8 +32,7 @@ import numpy as np
 from gguf.quants import dequantize
 
 from . import gguf_schema as S
-
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "smollm3")
+from .supported import SUPPORTED_ARCHS
 
 # llama.cpp's llama_model_rope_type(): llama and smollm3 rotate adjacent pairs (NORM; the
 # HF->GGUF converter permutes their q/k rows to make that right), qwen2/qwen3 rotate the

@@ -310,6 +310,44 @@ def test_matching_identity_passes() -> None:
     sf.check_compatible(_random_mem(43), FP_A, FP_M, QWEN_SHAPE)
 
 
+def test_replace_from_bytes_validates_like_load_and_keeps_the_old_file_on_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload replaces the file only if load would accept it; then the bytes are exactly the upload."""
+    path = tmp_path / "me.state"
+    upload = sf.encode(_random_mem(50, transcript=True))
+    with sf.MemoryFile(path) as mf:
+        mf.save(_random_mem(51))
+        before = path.read_bytes()
+        flipped = bytearray(upload)
+        flipped[len(flipped) // 2] ^= 0x10
+        foreign = sf.encode(_random_mem(52)).replace(FP_A, hashlib.sha256(b"other adapter").digest())
+        refusals = [
+            (bytes(flipped), StateFileError, "checksum"),
+            (upload[:-1], StateFileError, "the uploaded state file"),
+            (b"", StateFileError, "the uploaded state file"),
+            (_reseal(foreign), StateMismatchError, "adapter fingerprint"),
+        ]
+        for data, error, words in refusals:
+            with pytest.raises(error, match=words):
+                mf.replace_from_bytes(data, adapter_fp=FP_A, model_fp=FP_M, shape=QWEN_SHAPE)
+            assert path.read_bytes() == before
+        with monkeypatch.context() as m:  # the size bound of a load, without building a 64 MiB upload
+            m.setattr(sf.store, "MAX_FILE_BYTES", len(upload) - 1)  # where the bound is read
+            with pytest.raises(StateFileError, match="larger than any valid state file"):
+                mf.replace_from_bytes(upload, adapter_fp=FP_A, model_fp=FP_M, shape=QWEN_SHAPE)
+        assert path.read_bytes() == before
+        with pytest.raises(StateMismatchError):  # the shape is part of the identity
+            mf.replace_from_bytes(upload, adapter_fp=FP_A, model_fp=FP_M, shape=(36, 16, 16))
+        mem = mf.replace_from_bytes(upload, adapter_fp=FP_A, model_fp=FP_M, shape=QWEN_SHAPE)
+        _assert_same(mem, _random_mem(50, transcript=True))
+        assert path.read_bytes() == upload and sf.read_state_bytes(path) == upload
+        _assert_same(mf.load(adapter_fp=FP_A, model_fp=FP_M, shape=QWEN_SHAPE), mem)
+    assert sorted(_dir_entries(tmp_path)) == [".me.state.lock", "me.state"]  # no temp file left
+    with sf.MemoryFile(path, readonly=True) as ro, pytest.raises(StateFileError, match="read-only"):
+        ro.replace_from_bytes(upload, adapter_fp=FP_A, model_fp=FP_M, shape=QWEN_SHAPE)
+
+
 # ---------------------------------------------------------------------------------------
 # §5.4-5 absurd sizes, with a valid checksum, without big allocations
 # ---------------------------------------------------------------------------------------
@@ -328,7 +366,11 @@ ABSURD: list[tuple[dict[str, int], str]] = [
     ({"rows": 16}, r"rows 16 != rank 8 \* state_heads 1"),
     ({"state_heads": 0}, "state_heads 0 "),
     ({"state_heads": 0xFFFFFFFF}, "state_heads 4294967295"),
-    ({"n_layers": 1024, "rows": 1024, "rank": 64, "state_heads": 16}, "payload of 1024x1024x64"),  # 256 MiB
+    ({"n_layers": 513}, "n_layers 513"),  # above LLAMA_MAX_LAYERS
+    ({"rank": 33, "rows": 33}, "rank 33"),  # above what the loader attaches (supported.MAX_RANK)
+    ({"state_heads": 65, "rows": 520}, "state_heads 65"),  # above supported.MAX_STATE_HEADS
+    ({"n_layers": 512, "rows": 2048, "rank": 32, "state_heads": 64}, "payload length 9216 != 512x2048x32"),  # the
+    # largest shape the loader attaches is valid (128 MiB declared); the short file is refused without allocating
     ({"payload_len": 0}, "payload length 0 "),
     ({"payload_len": 2**32}, f"payload length {2**32}"),
     ({"payload_len": 2**63}, f"payload length {2**63}"),
@@ -355,6 +397,19 @@ def test_absurd_sizes_rejected_without_allocation(overrides: dict[str, int], nam
     finally:
         tracemalloc.stop()
     assert peak < 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("shape", "heads"),
+    [((2, 20 * 4, 4), 20), ((1, 64 * 32, 32), 64), ((512, 1, 1), 1)],
+    ids=["20-heads", "64-heads-rank-32", "512-layers"],
+)
+def test_every_shape_the_loader_attaches_round_trips(shape: tuple[int, int, int], heads: int) -> None:
+    """The state file stores whatever the native loader can attach (supported.py), up to its limits."""
+    mem = _random_mem(91, shape, heads=heads, transcript=True)
+    data = sf.encode(mem)
+    _assert_same(sf.decode(data, path="me.state"), mem)
+    assert sf.encode(sf.decode(data, path="me.state")) == data
 
 
 @pytest.mark.parametrize("delta", [-4, 4, 1])
