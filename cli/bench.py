@@ -85,4 +85,7 @@ def bench(
 
 
 def register(app: typer.Typer, convert_app: typer.Typer) -> None:  # noqa: ARG001 - the CLI's module interface
+    from . import bench_server  # its own verb, registered with bench's (cli/main.py lists the modules)
+
     app.command("bench")(bench)
+    bench_server.register(app)

@@ -93,7 +93,8 @@ def serve(
     if per_seq < 64:
         raise typer.BadParameter(f"--ctx-size {ctx_size} / -np {parallel} leaves {per_seq} tokens per user; give at least 64")
 
-    engine = Engine(model, adapter, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=parallel)
+    engine = Engine(model, adapter, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=parallel,
+                    kv_unified=False)  # a KV stream per user: their next tokens share one decode step
     if engine.adapter is None:
         engine.close()
         raise typer.BadParameter("this model has no δ-mem adapter: pass --adapter (or a bundled model)")

@@ -190,8 +190,9 @@ class Conversation:
             raise ArgumentError(f"model_label must be a str, got {type(model_label).__name__}")
         self.engine = engine
         # Positions this conversation may use.  Why below n_ctx: sessions of one Engine share the
-        # KV cells (kv_unified), so a server with N users gives each a share (llama-server's n_ctx/np).
-        self.n_ctx = min(context_limit, engine.n_ctx) if context_limit else engine.n_ctx
+        # KV cells (kv_unified), so a server with N users gives each a share (llama-server's n_ctx/np);
+        # without a unified cache each session has its own stream of engine.n_ctx_seq cells.
+        self.n_ctx = min(context_limit, engine.n_ctx_seq) if context_limit else engine.n_ctx_seq
         self.max_new_tokens = max_new_tokens
         self.transcript_turns = transcript_turns
         self.readonly = readonly
@@ -533,21 +534,23 @@ class Conversation:
 
         generated: list[int] = []
         decoder = _Utf8Stream(eng)
+        batcher = eng.batcher  # other conversations of this engine generating now share each decode step
         t1 = time.perf_counter()
         try:
-            for _ in range(self.max_new_tokens):
-                token = self._sampler.sample(logits[-1])
-                if eng.is_eog(token):
-                    break
-                if self.session.n_past + 8 >= self.n_ctx:
-                    self._make_room(64)
-                generated.append(token)
-                with deferred_interrupts():
-                    logits = self.session.feed([token], write=not self.readonly, logits="last")
-                    self._kv.append(token)
-                piece = decoder.push(token)
-                if piece:
-                    yield piece
+            with batcher.generating():
+                for _ in range(self.max_new_tokens):
+                    token = self._sampler.sample(logits[-1])
+                    if eng.is_eog(token):
+                        break
+                    if self.session.n_past + 8 >= self.n_ctx:
+                        self._make_room(64)
+                    generated.append(token)
+                    with deferred_interrupts():
+                        logits = batcher.feed_one(self.session, token, write=not self.readonly)[None, :]
+                        self._kv.append(token)
+                    piece = decoder.push(token)
+                    if piece:
+                        yield piece
             tail = decoder.flush()
             if tail:
                 yield tail

@@ -9,6 +9,15 @@ in order, when it enters the KV cache.
 Thread safety: an Engine serialises all native calls with a lock, so sessions
 may be driven from different threads; a single Session must not be used from
 two threads at once (its token position would race).
+
+Batched decode: ``Engine.step({session: token, ...})`` decodes the next token of
+several sessions in ONE ``llama_decode`` (continuous batching, as llama-server
+does for its slots).  The δ-mem graph runs such a batch as an equal-split ubatch,
+each sequence reading and writing its own state row; that needs the context's
+sequences in separate KV streams (``kv_unified=False``, each session then has
+``n_ctx / n_seq_max`` positions).  On a unified context with an adapter the
+native side takes one sequence per call, so ``step`` decodes one by one there:
+same results, no batching.
 """
 
 from __future__ import annotations
@@ -18,8 +27,10 @@ import ctypes
 import hashlib
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +38,9 @@ from . import _bindings
 from ._bindings import dmem, llama_lib
 from .args import check_bool, check_int, int_array
 from .errors import AdapterError, ArgumentError, EngineError, ModelLoadError
+
+if TYPE_CHECKING:
+    from .batching import StepBatcher
 
 ADAPTER_SUFFIX = ".dmem.gguf"  # converter default: <model stem>.dmem.gguf next to the model
 
@@ -80,8 +94,11 @@ class Engine:
         n_ubatch: int | None = None,
         f32_kv: bool = False,
         flash_attn: bool | None = None,
+        kv_unified: bool = True,
     ) -> None:
         self._lock = threading.RLock()
+        self._step_batch = None  # llama_batch of n_seq_max one-token slots, made on the first batched step
+        self._batcher: StepBatcher | None = None
         self._model = None
         self._ctx = None
         self._adapter = None
@@ -97,6 +114,7 @@ class Engine:
         n_threads = None if n_threads is None else check_int("n_threads", n_threads, low=0, high=4096)  # 0: default
         n_gpu_layers = check_int("n_gpu_layers", n_gpu_layers, low=-1, high=2**31 - 1)
         f32_kv = check_bool("f32_kv", f32_kv)
+        kv_unified = check_bool("kv_unified", kv_unified)
         flash_attn = None if flash_attn is None else check_bool("flash_attn", flash_attn)
 
         mparams = llama_lib.llama_model_default_params()
@@ -115,7 +133,9 @@ class Engine:
         cparams.n_seq_max = n_seq_max
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        cparams.kv_unified = True  # sessions share the cells; each decode holds one sequence
+        # unified: sessions share the cells (any one may grow to n_ctx), each δ-mem decode holds one sequence;
+        # not unified: one KV stream of n_ctx / n_seq_max cells per session, and step() batches sessions
+        cparams.kv_unified = kv_unified
         cparams.no_perf = True
         if f32_kv:
             cparams.type_k = 0  # GGML_TYPE_F32: exact numerics for parity tests
@@ -128,6 +148,9 @@ class Engine:
             raise ModelLoadError(_why("could not create a context"), path=self.model_path,
                                  hint="try a smaller n_ctx")
         self.n_ctx = llama_lib.llama_n_ctx(self._ctx)
+        self.kv_unified = kv_unified
+        # positions one session may use: all of them when unified, its own stream otherwise
+        self.n_ctx_seq = self.n_ctx if kv_unified else llama_lib.llama_n_ctx_seq(self._ctx)
         self.n_batch = cparams.n_batch
         self.n_seq_max = n_seq_max
         self.n_threads = threads
@@ -203,6 +226,80 @@ class Engine:
                     dmem.llama_dmem_state_reset(self._ctx, seq)
                 self._free_seqs.append(seq)
 
+    # -- batched decode --------------------------------------------------------------------
+
+    @property
+    def batcher(self) -> StepBatcher:
+        """The engine's continuous-batching front for one-token feeds (``deltamem_edge.batching``)."""
+        with self._lock:
+            if self._batcher is None:
+                from .batching import StepBatcher
+
+                self._batcher = StepBatcher(self)
+            return self._batcher
+
+    @property
+    def batches_sessions(self) -> bool:
+        """True when ``step`` decodes several sessions in one llama_decode (see the module docstring)."""
+        return self.n_seq_max > 1 and (not self.kv_unified or self._adapter is None)
+
+    def step(self, tokens: Mapping[Session, int], *, write: bool = True) -> dict[Session, np.ndarray]:
+        """Feed one token to each of several sessions at its next position; logits per session.
+
+        Equal to ``{s: s.feed([t], write=write, logits="last")[0] for s, t in tokens.items()}``
+        (the parity test holds it to 1e-4 of the float64 reference, states included), but in
+        one llama_decode when ``batches_sessions``: a server's concurrent users cost one
+        decode per step instead of one each.  Every session and token is checked before
+        anything runs; on a refusal nothing has changed.  ``write`` applies to all of them
+        (δ-mem writes are a per-call switch).  Returns float32 ``[n_vocab]`` per session.
+        """
+        write = check_bool("write", write)
+        if not isinstance(tokens, Mapping):
+            raise ArgumentError(f"tokens must be a mapping {{Session: token id}}, got {type(tokens).__name__}")
+        with self._lock:
+            self._check_open()
+            items: list[tuple[Session, int]] = []
+            for sess, tok in tokens.items():
+                if not isinstance(sess, Session) or sess.engine is not self:
+                    raise ArgumentError("every key of tokens must be a Session of this engine")
+                sess._check()
+                tok = check_int("token id", tok, low=0, high=self.n_vocab - 1)
+                if sess.n_past + 1 > self.n_ctx_seq:
+                    raise EngineError(f"context full: session {sess.seq} holds {sess.n_past} of {self.n_ctx_seq} "
+                                      "positions", hint="drop old tokens with Session.forget() or use a larger n_ctx")
+                items.append((sess, tok))
+            if len(items) <= 1 or not self.batches_sessions:
+                return {sess: sess.feed([tok], write=write, logits="last")[0] for sess, tok in items}
+            return self._decode_step(items, write)
+
+    def _decode_step(self, items: list[tuple[Session, int]], write: bool) -> dict[Session, np.ndarray]:
+        """One llama_decode holding one token of each session (all checked by ``step``)."""
+        if self._step_batch is None:
+            self._step_batch = llama_lib.llama_batch_init(self.n_seq_max, 0, 1)
+        batch = self._step_batch
+        for i, (sess, tok) in enumerate(items):
+            batch.token[i] = tok
+            batch.pos[i] = sess.n_past
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = sess.seq
+            batch.logits[i] = 1
+        batch.n_tokens = len(items)
+        if self._adapter:
+            dmem.llama_dmem_set_write(self._ctx, write)
+        _bindings.take_recent_errors()
+        rc = llama_lib.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise EngineError(_why(f"llama_decode failed (code {rc})"),
+                              hint="the KV cache may be full (code 1); try a larger n_ctx")
+        out: dict[Session, np.ndarray] = {}
+        for i, (sess, _) in enumerate(items):
+            ptr = llama_lib.llama_get_logits_ith(self._ctx, i)
+            out[sess] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+            sess.n_past += 1
+            if write and self._adapter:
+                sess.tokens_written += 1
+        return out
+
     # -- tokens ----------------------------------------------------------------------------
 
     @property
@@ -271,6 +368,9 @@ class Engine:
 
     def close(self) -> None:
         with self._lock:
+            if self._step_batch is not None:
+                llama_lib.llama_batch_free(self._step_batch)
+                self._step_batch = None
             if self._ctx:
                 self.detach()
                 llama_lib.llama_free(self._ctx)
@@ -337,8 +437,8 @@ class Session:
                 return np.zeros((0, eng.n_vocab), dtype=np.float32)
             if ids.min() < 0 or ids.max() >= eng.n_vocab:
                 raise EngineError(f"token ids must be in 0..{eng.n_vocab - 1}")
-            if self.n_past + ids.size > eng.n_ctx:
-                raise EngineError(f"context full: {self.n_past} + {ids.size} tokens > n_ctx {eng.n_ctx}",
+            if self.n_past + ids.size > eng.n_ctx_seq:
+                raise EngineError(f"context full: {self.n_past} + {ids.size} tokens > {eng.n_ctx_seq} positions",
                                   hint="drop old tokens with Session.forget() or use a larger n_ctx")
             if eng._adapter:
                 dmem.llama_dmem_set_write(eng._ctx, bool(write))

@@ -456,3 +456,128 @@ def test_tokenizing_without_a_vocabulary_is_an_error_not_an_abort(tiny):
         assert not eng.has_tokenizer
         with pytest.raises(EngineError, match="no tokenizer"):
             eng.tokenize("hello")
+
+
+# ---------------------------------------------------------------------------------------------
+# batched decode across sessions (Engine.step)
+# ---------------------------------------------------------------------------------------------
+
+
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the batch size of every llama_decode the engine makes."""
+    from deltamem_edge import engine as engine_module
+
+    calls: list[int] = []
+    real = engine_module.llama_lib.llama_decode
+
+    def counting(ctx, batch):
+        calls.append(batch.n_tokens)
+        return real(ctx, batch)
+
+    monkeypatch.setattr(engine_module.llama_lib, "llama_decode", counting)
+    return calls
+
+
+@pytest.mark.parametrize("arch,kw", [("qwen3", dict(rank=4, state_heads=2, delta_heads="q,k,v,o")),
+                                     ("llama", dict(rank=8, state_heads=1, delta_heads="q,o"))])
+def test_batched_step_equals_one_by_one_and_the_reference(tiny, tmp_path, monkeypatch, arch, kw):
+    """Three sessions at different positions, stepped together (and in subsets, and with writes off):
+    one llama_decode per step, logits and states equal to the float64 reference and to the one-by-one path."""
+    adapter = _adapter(tiny, arch, tmp_path, seed=21, **kw)
+    rng = np.random.default_rng(21)
+    prompts = [[int(t) for t in rng.integers(0, 256, n)] for n in (5, 11, 8)]
+    plan = [(tuple(range(3)), True)] * 3 + [((0, 2), True), ((1,), True), ((0, 1, 2), False), ((2, 1), True)]
+    plan = [(who, write, [int(t) for t in rng.integers(0, 256, len(who))]) for who, write in plan]
+
+    ref = RefModel(tiny[arch])
+    refs = [ref.session(RefAdapter(adapter, ref)) for _ in prompts]
+    for rs, p in zip(refs, prompts, strict=True):
+        rs.feed(p)
+    ref_logits = [{i: refs[i].feed([t], write=write)[0] for i, t in zip(who, toks, strict=True)}
+                  for who, write, toks in plan]
+    # the adapter must matter at every step, or equal logits would prove nothing about the states
+    base = ref.session(None)
+    base.feed(prompts[0])
+    assert np.abs(ref_logits[0][0] - base.feed([plan[0][2][0]])[0]).max() > 0.05
+
+    calls = _count_decodes(monkeypatch)
+    results = {}
+    for unified in (False, True):
+        with engine(tiny[arch], adapter, n_seq_max=4, kv_unified=unified) as eng:
+            assert eng.batches_sessions is not unified  # a unified context with an adapter decodes one by one
+            ss = [eng.session() for _ in prompts]
+            for s, p in zip(ss, prompts, strict=True):
+                s.feed(p)
+            del calls[:]
+            got = []
+            for k, (who, write, toks) in enumerate(plan):
+                before = [s.state() for s in ss]
+                out = eng.step({ss[i]: t for i, t in zip(who, toks, strict=True)}, write=write)
+                assert set(out) == {ss[i] for i in who}
+                got.append({i: out[ss[i]] for i in who})
+                for i in who:
+                    close(out[ss[i]], ref_logits[k][i])
+                for i in (set(range(3)) - set(who)) if write else range(3):  # untouched or read-only: bit-identical
+                    np.testing.assert_array_equal(ss[i].state(), before[i])
+            assert calls == ([len(who) for who, _, _ in plan] if not unified else [1] * sum(len(w) for w, _, _ in plan))
+            for i, s in enumerate(ss):
+                close(s.state(), refs[i].state())
+                fed = sum(1 for who, write, _ in plan if i in who)
+                assert s.n_past == len(prompts[i]) + fed
+                assert s.tokens_written == len(prompts[i]) + sum(1 for who, write, _ in plan if i in who and write)
+            results[unified] = got
+    for k in range(len(plan)):  # batched against one by one: the same numbers up to summation order
+        for i in results[False][k]:
+            close(results[False][k][i], results[True][k][i], tol=1e-5)
+
+
+def test_batched_step_refuses_bad_input_and_changes_nothing(tiny, tmp_path):
+    adapter = _adapter(tiny, "qwen3", tmp_path, rank=4, seed=22)
+    with engine(tiny["qwen3"], adapter, n_seq_max=3, kv_unified=False) as eng, \
+            engine(tiny["qwen3"], adapter) as other:
+        a, b, c = eng.session(), eng.session(), eng.session()
+        a.feed(RNG_IDS[:4])
+        b.feed(RNG_IDS[:6])
+        foreign = other.session()
+        c.close()
+        snapshot = [(s.n_past, s.tokens_written, s.state()) for s in (a, b)]
+        bad = [({a: 1, b: 256}, EngineError), ({a: 1, b: -1}, EngineError), ({a: 1, b: 2.0}, EngineError),
+               ({a: 1, foreign: 2}, EngineError), ({a: 1, c: 2}, EngineError), ([(a, 1)], EngineError)]
+        for tokens, error in bad:
+            with pytest.raises(error):
+                eng.step(tokens)
+            for s, (n_past, written, state) in zip((a, b), snapshot, strict=True):
+                assert (s.n_past, s.tokens_written) == (n_past, written)
+                np.testing.assert_array_equal(s.state(), state)
+        assert eng.step({}) == {}
+        assert eng.n_ctx_seq == eng.n_ctx // 3  # one KV stream per session
+        a.feed([int(t) for t in np.random.default_rng(5).integers(0, 256, eng.n_ctx_seq - a.n_past)])
+        assert a.n_past == eng.n_ctx_seq
+        with pytest.raises(EngineError, match="context full"):
+            eng.step({a: 1, b: 2})
+        assert b.n_past == snapshot[1][0]
+        assert set(eng.step({b: 3})) == {b}
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_batched_step_without_adapter_matches_the_reference(tiny, monkeypatch, unified):
+    """No adapter: stock llama.cpp batches sequences on a unified cache too, so step batches there as well."""
+    rng = np.random.default_rng(23)
+    prompts = [[int(t) for t in rng.integers(0, 256, n)] for n in (3, 9)]
+    steps = [[int(t) for t in rng.integers(0, 256, 2)] for _ in range(4)]
+    ref = RefModel(tiny["llama"])
+    refs = [ref.session(None) for _ in prompts]
+    for rs, p in zip(refs, prompts, strict=True):
+        rs.feed(p)
+    calls = _count_decodes(monkeypatch)
+    with engine(tiny["llama"], False, n_seq_max=2, kv_unified=unified) as eng:
+        assert eng.batches_sessions
+        ss = [eng.session() for _ in prompts]
+        for s, p in zip(ss, prompts, strict=True):
+            s.feed(p)
+        del calls[:]
+        for toks in steps:
+            out = eng.step(dict(zip(ss, toks, strict=True)))
+            for s, rs, t in zip(ss, refs, toks, strict=True):
+                close(out[s], rs.feed([t])[0])
+        assert calls == [2] * len(steps)

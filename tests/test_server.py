@@ -13,16 +13,12 @@ OpenAI's error shape.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -30,10 +26,12 @@ import numpy as np
 import openai
 import pytest
 from ggufs import write_random_adapter, write_tiny_model
+from serving import A, U, chat, serve
 
 from deltamem_edge import Engine
+from deltamem_edge.conversation import Conversation
 from deltamem_edge.server.memories import memory_file_name
-from deltamem_edge.statefile import read_state_file
+from deltamem_edge.statefile import decode, read_state_file
 
 FILE_RE = re.compile(r"\.?[0-9a-f]{64}\.state(\.lock)?")
 
@@ -62,69 +60,6 @@ def user_block(text: str) -> str:
 
 
 REPLY_TAIL_TOKENS = 2  # "<|im_end|>" "\n" close every reply
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, memdir: Path, log: list[str]) -> None:
-        self.proc, self.url, self.memdir, self.log = proc, url, memdir, log
-
-    def client(self, key: str = "sk-no-key-required", **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60, **kw)
-
-    def path(self, memory_id: str) -> Path:
-        return self.memdir / memory_file_name(memory_id)
-
-    def info(self, memory_id: str, **kw) -> httpx.Response:
-        return httpx.get(f"{self.url}/v1/memories/{memory_id}", timeout=30, **kw)
-
-
-@contextmanager
-def serve(files: dict[str, Path], memdir: Path, *extra: str) -> Iterator[Server]:
-    args = [sys.executable, "-m", "deltamem_edge", "serve", "-m", str(files["model"]), "-a", str(files["adapter"]),
-            "--memory-dir", str(memdir), "--port", "0", "-np", "2", "-c", "2048", "-t", "1", "--temp", "0", *extra]
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    log: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stderr:
-            log.append(line)
-            if line.startswith("listening on "):
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert ready.wait(120), "server did not start"
-        started = [line for line in log if line.startswith("listening on ")]
-        assert started, "".join(log)
-        yield Server(proc, started[0].split()[-1], memdir, log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    # uvicorn re-raises the SIGTERM it handled once shutdown is complete: -15 after a clean stop
-    assert code in (0, -signal.SIGTERM), "".join(log)
-    assert any(line.startswith("stopped: ") for line in log), "".join(log)
-    assert "Traceback" not in "".join(log), "".join(log)
-
-
-def chat(client: openai.OpenAI, messages: list[dict[str, str]], memory: str | None = None, **kw):
-    headers = {"X-Memory-Id": memory} if memory is not None else None
-    kw.setdefault("max_tokens", 12)
-    return client.chat.completions.create(model="tiny-chat", messages=messages, extra_headers=headers, **kw)
-
-
-def U(text: str) -> dict[str, str]:  # noqa: N802
-    return {"role": "user", "content": text}
-
-
-def A(text: str) -> dict[str, str]:  # noqa: N802
-    return {"role": "assistant", "content": text}
 
 
 def test_streaming_and_non_streaming_with_usage(files, tok, tmp_path):
@@ -269,6 +204,70 @@ def test_restart_continues_a_memory_bit_identically(files, tmp_path):
         assert srv.path("dave").read_bytes() != dave and srv.info("dave").json()["turns"] == 2
 
 
+def test_memory_export_and_import(files, tmp_path):
+    """A memory's file goes out byte for byte and comes back only if a load would accept it."""
+    other = write_random_adapter(tmp_path / "other.dmem.gguf", files["model"], rank=4, seed=99)  # same shape
+    with Engine(files["model"], other, n_ctx=256, n_threads=1) as eng, \
+            Conversation(eng, tmp_path / "foreign.state", system="", max_new_tokens=4) as conv:
+        conv.say("hello")  # a genuine memory of another adapter
+    foreign = (tmp_path / "foreign.state").read_bytes()
+    with serve(files, tmp_path / "mem") as srv:
+        client = srv.client()
+        r1 = chat(client, [U("My name is Ana.")], memory="ana")
+        chat(client, [U("My name is Ana."), A(r1.choices[0].message.content), U("I live in Porto.")], memory="ana")
+        url = f"{srv.url}/v1/memories"
+        out = httpx.get(f"{url}/ana/state", timeout=30)
+        assert out.status_code == 200 and out.headers["content-type"] == "application/octet-stream"
+        assert out.content == srv.path("ana").read_bytes()
+        assert decode(out.content, path="export").header.turns == 2
+        assert httpx.get(f"{url}/nobody/state", timeout=30).status_code == 404
+
+        # refused uploads: nothing replaced (bytes identical), nothing created, the resident memory stays
+        ana = srv.path("ana").read_bytes()
+        flipped = bytearray(out.content)
+        flipped[len(flipped) // 2] ^= 0x01
+        for body, code in ((foreign, "memory_mismatch"), (bytes(flipped), "invalid_state_file"),
+                           (out.content[:-7], "invalid_state_file"), (b"", "invalid_state_file"),
+                           (b"DMEMSTAT" + b"\xff" * 400, "invalid_state_file")):
+            for target in ("ana", "nobody"):
+                r = httpx.put(f"{url}/{target}/state", content=body, timeout=30)
+                assert r.status_code == 400, (code, r.text)
+                err = r.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["code"] == code, err
+                assert str(srv.memdir) not in err["message"]  # no server path in the answer
+        assert "adapter fingerprint" in httpx.put(f"{url}/ana/state", content=foreign, timeout=30).text
+        assert srv.path("ana").read_bytes() == ana
+        assert not srv.path("nobody").exists() and srv.info("nobody").status_code == 404
+        assert srv.info("ana").json()["resident"] is True
+        big = httpx.put(f"{url}/ana/state", content=b"\0" * (2 * 1024 * 1024), timeout=30)
+        assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+        for bad in ("..%2Fx", "x" * 300, "a%00b"):
+            assert httpx.put(f"{url}/{bad}/state", content=out.content, timeout=30).status_code in (400, 404)
+            assert httpx.get(f"{url}/{bad}/state", timeout=30).status_code in (400, 404)
+
+        # a valid file: a new memory (201) gets exactly those bytes; ana moves on a turn, then importing the
+        # export into ana (200) takes her back: her resident conversation is closed, not saved over the file,
+        # so ana and ben continue from the same file and must stay bit-identical
+        r = httpx.put(f"{url}/ben/state", content=out.content, timeout=30)
+        assert r.status_code == 201 and r.json()["turns"] == 2 and r.json()["resident"] is False
+        assert srv.path("ben").read_bytes() == out.content
+        chat(client, [U("I like figs.")], memory="ana")
+        assert srv.info("ana").json()["turns"] == 3
+        r = httpx.put(f"{url}/ana/state", content=out.content, timeout=30)
+        assert r.status_code == 200 and r.json()["turns"] == 2 and r.json()["resident"] is False
+        assert srv.path("ana").read_bytes() == out.content
+        ask = [U("My name is Ana."), A(r1.choices[0].message.content), U("I live in Porto."), A("Nice."),
+               U("Where do I live?")]
+        replies = [chat(client, ask, memory=who, max_tokens=16).choices[0].message.content for who in ("ana", "ben")]
+        assert replies[0] == replies[1]
+        ana_mem, ben_mem = read_state_file(srv.path("ana")), read_state_file(srv.path("ben"))
+        np.testing.assert_array_equal(ana_mem.state, ben_mem.state)
+        assert ana_mem.header.turns == ben_mem.header.turns == 3
+        assert ana_mem.header.tokens_written == ben_mem.header.tokens_written
+        assert not np.array_equal(ana_mem.state, decode(out.content, path="export").state)
+    assert not [p for p in srv.memdir.iterdir() if ".tmp-" in p.name]
+
+
 HOSTILE = ["../x", "/etc/passwd", "a\x00b", "x" * 10240, "ünïcödé", "a/b", "..\\..\\x", "", " ", "a\nb"]
 
 
@@ -309,7 +308,8 @@ def test_api_key_guards_every_route_but_health(files, tmp_path):
     with serve(files, tmp_path / "mem", "--api-key-file", str(keyfile)) as srv:
         body = {"model": "m", "messages": [U("hi")], "max_tokens": 2}
         routes = [("POST", "/v1/chat/completions", body), ("GET", "/v1/models", None),
-                  ("GET", "/v1/memories/zed", None), ("DELETE", "/v1/memories/zed", None), ("GET", "/nowhere", None)]
+                  ("GET", "/v1/memories/zed", None), ("DELETE", "/v1/memories/zed", None), ("GET", "/nowhere", None),
+                  ("GET", "/v1/memories/zed/state", None), ("PUT", "/v1/memories/zed/state", None)]
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "secret-"}, {"Authorization": "secret-1"}):
             for method, path, payload in routes:
                 r = httpx.request(method, srv.url + path, json=payload, headers=headers, timeout=30)
@@ -371,6 +371,59 @@ def test_bad_fields_are_400_in_openai_shape(files, tmp_path):
             chat(srv.client(), [U("hi")], max_tokens=-3)
         assert info.value.body["param"] == "max_tokens"
         assert chat(srv.client(), [U("still fine")]).choices  # and the server is unharmed
+
+
+def turn_tokens(eng: Engine, user: str, completion_tokens: int) -> int:
+    """Tokens one turn writes: its user block, the reply and the reply's closing tail."""
+    return ntok(eng, user_block(user)) + completion_tokens + REPLY_TAIL_TOKENS
+
+
+@pytest.fixture(scope="module")
+def chatty(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny model whose greedy replies to LONG_PROMPTS run on for thousands of tokens (found by search;
+    the model of ``files`` ends every reply within a few hundred)."""
+    d = tmp_path_factory.mktemp("chatty")
+    model = write_tiny_model(d / "tiny-chat.gguf", "qwen3", chat_tokenizer=True, seed=28)
+    return {"model": model, "adapter": write_random_adapter(d / "tiny.dmem.gguf", model, rank=4, seed=29), "dir": d}
+
+
+LONG_PROMPTS = ("Tell me a very long story", "One more long story", "And then?")
+
+
+def test_a_client_that_leaves_stops_its_generation(chatty, tok, tmp_path):
+    """Closing the connection mid-stream (or mid non-streaming reply) ends generation, far short of max_tokens."""
+    n = 3000
+    with serve(chatty, tmp_path / "mem", "-np", "1", "-c", "4096") as srv:
+        client = srv.client()
+        for prompt in LONG_PROMPTS:  # stateless = a fresh memory: what an uncut reply to it would be
+            full = chat(client, [U(prompt)], max_tokens=n)
+            if full.choices[0].finish_reason == "length":
+                break
+        assert full.usage.completion_tokens == n, "no prompt makes this model talk long enough for the test"
+
+        stream = chat(client, [U(prompt)], memory="hal", max_tokens=n, stream=True)
+        seen = "".join(c.choices[0].delta.content or "" for _, c in zip(range(4), stream, strict=False))
+        stream.close()
+        # requests for one memory are served one after another: this one starts when the cut reply has ended
+        r = chat(client, [U("The end?")], memory="hal", max_tokens=1)
+        mem = read_state_file(srv.path("hal"))
+        assert mem.header.turns == 2
+        generated = (mem.header.tokens_written - turn_tokens(tok, "The end?", r.usage.completion_tokens)
+                     - turn_tokens(tok, prompt, 0))
+        assert 3 <= generated < n // 10, generated
+        reply = mem.transcript[1]["content"]  # what was generated and written: the start of the uncut reply
+        assert reply.startswith(seen) and full.choices[0].message.content.startswith(reply)
+
+        # a non-streaming client that gives up (read timeout) stops its reply too
+        with pytest.raises(openai.APITimeoutError):
+            chat(srv.client(timeout=0.3), [U(prompt)], memory="ivy", max_tokens=n)
+        r = chat(client, [U("The end?")], memory="ivy", max_tokens=1)
+        mem = read_state_file(srv.path("ivy"))
+        assert mem.header.turns == 2
+        generated = (mem.header.tokens_written - turn_tokens(tok, "The end?", r.usage.completion_tokens)
+                     - turn_tokens(tok, prompt, 0))
+        assert 1 <= generated < n // 2, generated
+        assert full.choices[0].message.content.startswith(mem.transcript[1]["content"])
 
 
 def test_disconnect_mid_stream_and_sigterm_leave_memories_consistent(files, tmp_path):

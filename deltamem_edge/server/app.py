@@ -1,7 +1,8 @@
 """The HTTP front: routes, API-key check, CORS, body limit, SSE streaming (Starlette on uvicorn).
 
 Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health`` (public),
-``GET /v1/memories/{id}``, ``DELETE /v1/memories/{id}``.  Generation runs in one worker
+``GET /v1/memories/{id}``, ``DELETE /v1/memories/{id}``, ``GET|PUT /v1/memories/{id}/state``
+(export / import of the state file).  Generation runs in one worker
 thread per request (the Engine is blocking C code); the event loop only moves events
 from that thread to the client.  Every failure a client sees is OpenAI's error shape.
 """
@@ -30,8 +31,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..engine import Engine
+from ..errors import StateFileError, StateMismatchError
+from ..statefile import MAX_FILE_BYTES, validate_state_bytes
 from .completion import Outcome, SamplingDefaults, as_api_error, run_completion
-from .memories import MemoryPool, check_memory_id
+from .memories import MemoryIdentity, MemoryPool, check_memory_id, memory_file_name
 from .protocol import ApiError, Limits, chunk_body, completion_body, completion_id, error_body, parse_chat_request
 
 PUBLIC_PATHS = frozenset({"/health"})
@@ -51,6 +54,14 @@ class ServerState:
     started: int = field(default_factory=lambda: int(time.time()))
     runs: set[threading.Event] = field(default_factory=set)  # cancel flags of running completions
     runs_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    _identity: MemoryIdentity | None = None
+
+    def identity(self) -> MemoryIdentity:
+        """The adapter/model identity an imported state file must have (computed once, on first use)."""
+        if self._identity is None:
+            self._identity = MemoryIdentity.of(self.engine)
+        return self._identity
 
     def stop_all(self) -> None:
         """Stop every running generation (each one saves its memory as it ends)."""
@@ -119,8 +130,8 @@ class _Run:
         return await self.queue.get()
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing more than ``limit`` bytes before reading them all."""
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes before reading them all."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
@@ -130,8 +141,14 @@ async def _read_json(request: Request, limit: int) -> Any:
         if total > limit:
             raise ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body as JSON (at most ``limit`` bytes)."""
+    data = await _read_body(request, limit)
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
@@ -156,11 +173,16 @@ async def chat_completions(request: Request) -> Response:
     memory_id = _memory_id(request, req.user)
     run = _Run(state)
     run.start(memory_id, req)
-    kind, value = await run.next()
-    if kind == "error":
-        return _error(value)
-    cid, model = completion_id(), state.model_name
-    if not req.stream:
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, run.cancel))
+    try:
+        kind, value = await run.next()
+        if kind == "error":
+            return _error(value)
+        cid, model = completion_id(), state.model_name
+        if req.stream:
+            watcher.cancel()  # from here on the StreamingResponse listens for the disconnect itself
+            return StreamingResponse(_stream(run, cid, model, req.include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text: list[str] = []
         while True:
             kind, value = await run.next()
@@ -172,8 +194,22 @@ async def chat_completions(request: Request) -> Response:
                 out: Outcome = value
                 return JSONResponse(completion_body(cid, model, out.text, out.finish_reason, out.prompt_tokens,
                                                     out.completion_tokens, out.memory))
-    return StreamingResponse(_stream(run, cid, model, req.include_usage), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    finally:
+        watcher.cancel()
+
+
+async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Stop the generation when the client leaves before its response starts, or mid non-streaming reply.
+
+    Why this works: the body has been read, so the next ASGI message is ``http.disconnect``.
+    A client gone before generation began leaves its memory untouched; one gone later gets
+    the part already generated written and saved, as a stream cut short does.
+    """
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
 
 
 async def _stream(run: _Run, cid: str, model: str, include_usage: bool) -> AsyncIterator[bytes]:
@@ -222,8 +258,7 @@ async def memory_info(request: Request) -> Response:
     except Exception as exc:  # noqa: BLE001 - a corrupt file is the client's answer, not a crash
         return _error(as_api_error(exc))
     if info is None:
-        return _error(ApiError(404, "no memory with this id", type="not_found_error", param="memory_id",
-                               code="memory_not_found"))
+        return _error(_not_found())
     return JSONResponse(info)
 
 
@@ -235,9 +270,43 @@ async def memory_delete(request: Request) -> Response:
     except Exception as exc:  # noqa: BLE001
         return _error(as_api_error(exc))
     if not deleted:
-        return _error(ApiError(404, "no memory with this id", type="not_found_error", param="memory_id",
-                               code="memory_not_found"))
+        return _error(_not_found())
     return JSONResponse({"object": "memory.deleted", "id": memory_id, "deleted": True})
+
+
+async def memory_export(request: Request) -> Response:
+    """The memory's state file as it is on disk (the last completed turn): back it up, move it."""
+    state: ServerState = request.app.state.server
+    memory_id = check_memory_id(request.path_params["memory_id"], "memory_id")
+    data = await run_in_threadpool(state.pool.export_state, memory_id)  # a corrupt file: 409, as for info
+    if data is None:
+        return _error(_not_found())
+    return Response(data, media_type="application/octet-stream", headers={
+        "Content-Disposition": f'attachment; filename="{memory_file_name(memory_id)}"'})
+
+
+async def memory_import(request: Request) -> Response:
+    """Replace a memory by an uploaded state file, only if a load would accept it (else 400, nothing changed)."""
+    state: ServerState = request.app.state.server
+    memory_id = check_memory_id(request.path_params["memory_id"], "memory_id")
+    data = await _read_body(request, min(state.max_body_bytes, MAX_FILE_BYTES))
+    identity = await run_in_threadpool(state.identity)
+    try:  # checked before waiting for the memory: a bad upload disturbs nothing
+        await run_in_threadpool(lambda: validate_state_bytes(
+            data, adapter_fp=identity.adapter_fp, model_fp=identity.model_fp, shape=identity.shape))
+    except StateMismatchError as exc:
+        return _error(ApiError(400, f"{exc.args[0]}; the memory was left unchanged", param="body",
+                               code="memory_mismatch"))
+    except StateFileError as exc:
+        return _error(ApiError(400, f"{exc.args[0]}; the memory was left unchanged", param="body",
+                               code="invalid_state_file"))
+    existed = await run_in_threadpool(state.pool.import_state, memory_id, data, identity)
+    info = await run_in_threadpool(state.pool.info, memory_id)
+    return JSONResponse(info, status_code=200 if existed else 201)
+
+
+def _not_found() -> ApiError:
+    return ApiError(404, "no memory with this id", type="not_found_error", param="memory_id", code="memory_not_found")
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -260,15 +329,18 @@ def create_app(state: ServerState, *, api_keys: Sequence[str] = (), cors_origins
         state.stop_all()
         resident = state.pool.stats()["resident"]
         await run_in_threadpool(state.pool.close)
+        b = state.engine.batcher
+        decode = (f"{b.tokens} generated tokens in {b.steps} decode steps" if state.engine.batches_sessions
+                  else "one decode per user and token (unified KV cache)")
         state.engine.close()
         # one line a supervisor (and the tests) can check: shutdown went through, files closed
-        print(f"stopped: {resident} open memories closed (each saved after its last turn)", file=sys.stderr,
-              flush=True)
+        print(f"stopped: {resident} open memories closed (each saved after its last turn); {decode}",
+              file=sys.stderr, flush=True)
 
     middleware = []
     if cors_origins:  # outermost, so a browser's preflight (which carries no key) is answered
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins),
-                                     allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                                     allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
                                      allow_headers=["Authorization", "Content-Type", "X-Api-Key", "X-Memory-Id"]))
     middleware.append(Middleware(ApiKeyMiddleware, keys=list(api_keys)))
     routes = [
@@ -277,6 +349,8 @@ def create_app(state: ServerState, *, api_keys: Sequence[str] = (), cors_origins
         Route("/health", health, methods=["GET"]),
         Route("/v1/memories/{memory_id}", memory_info, methods=["GET"]),
         Route("/v1/memories/{memory_id}", memory_delete, methods=["DELETE"]),
+        Route("/v1/memories/{memory_id}/state", memory_export, methods=["GET"]),
+        Route("/v1/memories/{memory_id}/state", memory_import, methods=["PUT"]),
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _api_error})

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..conversation import Conversation, Message
+from ..conversation import Conversation, Message, TurnStats
 from ..errors import EngineError, StateFileError, StateLockedError, StateMismatchError
 from ..sampling import SamplingParams
 from ..statefile import trim_transcript
@@ -176,6 +176,7 @@ def _complete(lease: Lease, memory_id: str | None, req: ChatRequest, sampling: S
     if retry:
         conv.readonly = True  # feeds with writes off, save() does nothing; counters restored below
     matcher = StopMatcher(req.stop)
+    conv.stats = TurnStats()  # a reply cancelled before it began generated nothing (not the last turn's count)
     pieces: list[str] = []
     stopped = started = False
     try:

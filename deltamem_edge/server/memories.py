@@ -11,8 +11,13 @@ decodes interleaved by the Engine's lock.
 Ids never become paths: an id is checked (1-128 characters of ``A-Z a-z 0-9 . _ - : @ +``)
 and the file name is the hex sha256 of it, inside the memory directory.
 
-Threads: ``acquire``/``release`` are called from request worker threads, never from the
-event loop (they block).
+Export/import: ``export_state`` gives a memory's file bytes; ``import_state`` replaces a
+memory by a whole state file after the checks a load makes (format, checksum, this
+server's adapter and model fingerprints, shape), once the memory's running request is
+done and its conversation has left its sequence, so nothing saves over the import.
+
+Threads: ``acquire``/``release`` (and export/import/delete) are called from request
+worker threads, never from the event loop (they block).
 """
 
 from __future__ import annotations
@@ -24,14 +29,23 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..conversation import Conversation
-from ..errors import StateFileError
-from ..statefile import MemoryFile, memory_path_for, read_state_file
+from ..engine import Engine
+from ..errors import EngineError, StateFileError
+from ..fingerprint import adapter_fingerprint
+from ..statefile import (
+    MemoryFile,
+    decode,
+    memory_path_for,
+    read_state_bytes,
+    read_state_file,
+    validate_state_bytes,
+)
 from .protocol import ApiError
 
 MEMORY_ID_RE = re.compile(r"[A-Za-z0-9._\-:@+]{1,128}")
@@ -50,6 +64,22 @@ def check_memory_id(memory_id: Any, param: str = "X-Memory-Id") -> str:
 def memory_file_name(memory_id: str) -> str:
     """``<sha256 hex>.state``: what the client sends never reaches the file system."""
     return hashlib.sha256(_HASH_DOMAIN + memory_id.encode("utf-8")).hexdigest() + FILE_SUFFIX
+
+
+@dataclass(frozen=True)
+class MemoryIdentity:
+    """What a memory file must match to be used by this server (what ``Conversation`` checks on load)."""
+
+    adapter_fp: bytes
+    model_fp: bytes
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, engine: Engine) -> MemoryIdentity:
+        """The identity of the engine's model and attached adapter (hashes the adapter and the vocabulary)."""
+        if engine.adapter is None:
+            raise EngineError("a memory needs a δ-mem adapter, and this engine has none")
+        return cls(adapter_fingerprint(engine.adapter.path), engine.model_fingerprint(), engine.adapter.state_shape)
 
 
 @dataclass
@@ -213,26 +243,83 @@ class MemoryPool:
             "transcript_messages": len(mem.transcript), "resident": resident,
         }
 
+    @contextlib.contextmanager
+    def _exclusive(self, path: Path) -> Iterator[None]:
+        """Hold a memory for a file operation: after its running request, with no conversation open on it.
+
+        The slot is marked busy (a request for this memory waits until the block ends) and a
+        resident conversation is closed (it was saved after its last turn), so the block is the
+        only writer of the file in this process; the file's flock guards against other processes.
+        """
+        deadline = time.monotonic() + self._wait_s
+        with self._cond:
+            if self._closed:
+                raise PoolClosed
+            while True:  # as in acquire: the slot may be dropped while we wait
+                slot = self._slots.get(path.name)
+                if slot is None:
+                    slot = self._slots[path.name] = _Slot(key=path.name, path=path)
+                if not slot.busy:
+                    break
+                self._wait(deadline)
+            slot.busy = True
+            if slot.conv is not None:
+                with contextlib.suppress(Exception):  # as in release: the slot must not stay busy
+                    slot.conv.close()
+                slot.conv = None
+                self._live -= 1
+                self._cond.notify_all()  # a sequence is free
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._unbusy(slot)
+
     def delete(self, memory_id: str) -> bool:
         """Close the memory if resident (after its running request) and remove its file."""
         path = self.path_for(memory_id)
-        deadline = time.monotonic() + self._wait_s
-        with self._cond:
-            slot = self._slots.get(path.name)
-            while slot is not None and slot.busy:
-                self._wait(deadline)
-                slot = self._slots.get(path.name)
-            if slot is not None:
-                self._drop(slot)
-                self._cond.notify_all()
+        with self._exclusive(path):
             if not os.path.lexists(path):
                 return False
             try:
-                with MemoryFile(path):  # holds the lock while unlinking: no writer is mid-save
+                with MemoryFile(path):  # holds the lock while unlinking: no other program is mid-save
                     path.unlink()
             except OSError as exc:
                 raise StateFileError(f"could not delete the memory file: {exc}", path=path) from None
         return True
+
+    def export_state(self, memory_id: str) -> bytes | None:
+        """The memory's state file, byte for byte (None if there is none).
+
+        Why no wait for a running request: saves are atomic renames, so this is the file as
+        of the memory's last completed turn.  The bytes are decoded once before they are
+        handed out: a corrupt file raises StateFileError instead of travelling on.
+        """
+        path = self.path_for(memory_id)
+        if not os.path.lexists(path):
+            return None
+        data = read_state_bytes(path)
+        decode(data, path=path)
+        return data
+
+    def import_state(self, memory_id: str, data: bytes, identity: MemoryIdentity) -> bool:
+        """Replace the memory by ``data``, a whole state file; True if the memory existed before.
+
+        ``data`` is checked as a load checks a file (``statefile.validate_state_bytes``) before
+        anything else happens: a corrupt file raises StateFileError, one of another adapter,
+        model or shape StateMismatchError, and the memory (file, resident conversation) is
+        left as it was.  A valid one is written atomically, unchanged, after the memory's
+        running request; the memory's next request opens it from the new file.
+        """
+        source = "the uploaded state file"
+        check = {"adapter_fp": identity.adapter_fp, "model_fp": identity.model_fp, "shape": identity.shape}
+        validate_state_bytes(data, **check, source=source)
+        path = self.path_for(memory_id)
+        with self._exclusive(path):
+            existed = os.path.lexists(path)
+            with MemoryFile(path) as mf:
+                mf.replace_from_bytes(data, **check, source=source)
+        return existed
 
     # -- shutdown ---------------------------------------------------------------------------
 
