@@ -24,7 +24,7 @@ def bench_server(
     variants: str = typer.Option("dmem,vanilla", "--variants", help="dmem (δ-mem, a memory per user), vanilla "
                                                                     "(no adapter, stateless), or both."),
     no_batch: bool = typer.Option(False, "--no-batch", help="One llama_decode per user and token (a unified KV "
-                                                            "cache, as `serve` today) instead of batched steps."),
+                                                            "cache, for comparison) instead of batched steps, as `serve` runs."),
     out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--out", help="Folder for the JSON (default docs/bench; the table then goes to docs/benchmarks.md, "
                       "else to OUT/benchmarks.md).")] = None,
