@@ -507,7 +507,8 @@ def read_torch_zip(path: str | Path, *, limits: ReadLimits = DEFAULT_READ_LIMITS
         f.seek(0)
         try:
             zf = zipfile.ZipFile(f)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as e:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError) as e:
+            # NotImplementedError: zipfile's answer to a zip64 end record naming a version it does not know
             raise ConversionError(
                 f"cannot open as a zip archive ({e}); the file is truncated, corrupt, or a legacy non-zip torch file",
                 path=path,
