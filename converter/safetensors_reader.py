@@ -65,9 +65,11 @@ def _parse_entry(name: str, entry: Any, data_size: int, path: Path) -> tuple[str
         or not all(_is_int(d) and 0 <= d <= INT64_MAX for d in shape)
     ):
         raise ConversionError(f"tensor {name!r} has invalid shape {shape!r:.80}", path=path, hint=_HINT)
-    if math.prod(shape) > INT64_MAX:
+    # numpy sizes an array by the product of its non-zero dimensions times the item size (so that a 0
+    # cannot hide an overflow): (2**63 - 1, 0) holds nothing but is still "too big" for it.
+    if math.prod(d for d in shape if d) * _DTYPES[dtype][0] > INT64_MAX:
         raise ConversionError(
-            f"tensor {name!r} of shape {tuple(shape)} has {math.prod(shape)} elements, which overflows int64",
+            f"tensor {name!r} of shape {tuple(shape)} {dtype} overflows int64 bytes",
             path=path,
             hint=_HINT,
         )

@@ -281,9 +281,11 @@ class _SafeUnpickler(pickle.Unpickler):
         if not all(_is_int(s) and 0 <= s <= INT64_MAX for s in stride):
             raise ConversionError(f"tensor has invalid stride {stride!r:.80}", path=self._path)
         numel = math.prod(size)  # Python ints: exact, so an overflow is seen, not wrapped
-        if numel > INT64_MAX:
+        # numpy sizes an array by its non-zero dimensions (a 0 cannot hide an overflow there):
+        # (2**63 - 1, 0) holds nothing but is still "too big" for it
+        if math.prod(s for s in size if s) * 8 > INT64_MAX:
             raise ConversionError(
-                f"tensor of size {size!r:.80} on storage {storage.key} has {numel} elements, which overflows int64",
+                f"tensor of size {size!r:.80} on storage {storage.key} overflows int64 (its dimensions times 8 bytes)",
                 path=self._path,
                 hint=_HINT_CRAFTED,
             )

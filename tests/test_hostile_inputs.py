@@ -230,6 +230,9 @@ def test_numel_overflowing_int64_and_stride_zero_giants(tmp_path: Path) -> None:
     huge = H.TensorRef(st, 0, (2**32, 2**32), (0, 0))  # 2**64 elements
     pt = H.write(tmp_path / "o.pt", H.checkpoint({"w": huge}, {"0": bytes(4)}))
     refused(lambda: read_torch_zip(pt), ConversionError, match="overflows int64")
+    empty_but_huge = H.TensorRef(H.StorageRef("0", 0), 0, (2**63 - 1, 0), (1, 1))  # holds nothing, numpy refuses it
+    pt = H.write(tmp_path / "e.pt", H.checkpoint({"w": empty_but_huge}, {"0": b""}))
+    refused(lambda: read_torch_zip(pt), ConversionError, match="overflows int64")
     # fits int64 and stays inside the 1-element storage (stride 0), but would materialize 2**50 floats
     giant = H.TensorRef(st, 0, (2**30, 2**20), (0, 0))
     pt = H.write(tmp_path / "g.pt", H.checkpoint({"w": giant}, {"0": bytes(4)}))
@@ -334,6 +337,9 @@ def test_safetensors_bounds(tmp_path: Path) -> None:
     refused(lambda: read_safetensors(p, limits=small), ConversionError, match="over the 64 byte limit")
     overflow = {"a": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}}
     H.write(p, _safetensors(overflow))
+    refused(lambda: read_safetensors(p), ConversionError, match="overflows int64")
+    empty_but_huge = {"a": {"dtype": "F32", "shape": [2**63 - 1, 0], "data_offsets": [0, 0]}}  # found by make fuzz
+    H.write(p, _safetensors(empty_but_huge))
     refused(lambda: read_safetensors(p), ConversionError, match="overflows int64")
     H.write(p, struct.pack("<Q", DEFAULT_READ_LIMITS.max_safetensors_header_bytes + 1) + b"{}")
     refused(lambda: read_safetensors(p), ConversionError, match="header length")
