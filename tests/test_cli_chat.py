@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +36,10 @@ def spawn(setup: dict[str, Path], memory: Path, *extra: str, adapter: Path | Non
     env = dict(os.environ, XDG_DATA_HOME=str(setup["dir"] / "xdg"), PYTHONUNBUFFERED="1")
     args = ["-m", "deltamem_edge", "chat", "-m", str(setup["model"]), "--adapter", str(adapter or setup["adapter"]),
             "--memory", str(memory), "--temp", "0", "-n", "16", "-c", "1024", "-t", "2", *extra]
-    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=240, dimensions=(40, 200))
+    # SIGINT back to its default in the child: a process that starts with it ignored (inherited from a test
+    # that ignored it, or a backgrounded CI shell) never gets Python's KeyboardInterrupt handler
+    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=240, dimensions=(40, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact("type /help for commands")
     return child
 
