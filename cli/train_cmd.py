@@ -35,6 +35,14 @@ def train(
     precision: str = typer.Option("auto", "--precision",
                                   help="Backbone matmuls: bf16, f32, or auto (bf16 only where the CPU has native bf16)."),
     contrast: float = typer.Option(None, "--contrast-weight", help="Weight of the own-vs-swapped-state margin on the value tokens."),
+    value_weight: float = typer.Option(None, "--value-weight", help="Loss weight of the remembered value's tokens (others: 1)."),
+    addressing: float = typer.Option(None, "--addressing-weight",
+                                     help="Weight of the write-gate loss: open on told values, shut elsewhere (0: off)."),
+    key_weight: float = typer.Option(None, "--key-weight",
+                                     help="Weight of the loss that points answer queries at the asked value's keys (0: off)."),
+    beta_lr_mult: float = typer.Option(None, "--beta-lr-mult", help="Learning-rate factor of the write-gate weights."),
+    init: str = typer.Option(None, "--init", help="Initial δ-mem weights: upstream, or tied (keys = queries, δ_o = W_vᵀ)."),
+    query_gain: float = typer.Option(None, "--query-gain", help="With --init tied: initial size of δ_q (and δ_k, δ_v)."),
     seed: int = typer.Option(None, "--seed", "-s", help="Seed of the data, the order and the initial weights."),
     threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
 ) -> None:
@@ -46,7 +54,7 @@ def train(
 
     try:
         from deltamem_edge.train.loop import resolved
-        from deltamem_edge.train.model import UPDATE_MODES
+        from deltamem_edge.train.model import INITS, UPDATE_MODES
         from deltamem_edge.train.recipe import DEFAULT_RECIPE
         from deltamem_edge.train.run import run_training
     except ModuleNotFoundError as e:
@@ -62,16 +70,19 @@ def train(
     spec_changes = {k: v for k, v in {
         "rank": rank, "state_heads": state_heads, "beta_bias_init": beta_bias, "online_gain": gain,
         "delta_heads": tuple(h.strip() for h in delta_heads.split(",")) if delta_heads else None,
-        "update_mode": update,
+        "update_mode": update, "init": init, "query_gain": query_gain,
     }.items() if v is not None}
     changes = {k: v for k, v in {
         "steps": steps, "batch": batch, "lr": lr, "seed": seed, "n_fact_episodes": episodes,
         "n_generic_episodes": generic, "contrast_weight": contrast, "facts_per_memory": facts_per_memory(facts, "--facts") if facts else None,
+        "value_weight": value_weight, "addressing_weight": addressing, "key_weight": key_weight, "beta_lr_mult": beta_lr_mult,
     }.items() if v is not None}
     precisions = {"auto": None, "bf16": True, "f32": False}
     if precision not in precisions:
         raise typer.BadParameter(f"{precision!r}: choose auto, bf16 or f32", param_hint="--precision")
     changes["bf16"] = precisions[precision]
+    if init is not None and init not in INITS:
+        raise typer.BadParameter(f"{init!r}: choose {' or '.join(INITS)}", param_hint="--init")
     if update is not None and update not in UPDATE_MODES:
         raise typer.BadParameter(f"{update!r}: choose {' or '.join(UPDATE_MODES)}", param_hint="--update")
     cfg = resolved(dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, **spec_changes), **changes))

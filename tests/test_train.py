@@ -156,7 +156,8 @@ def toy_examples(n: int, seed: int) -> list[Example]:
         value = int(rng.integers(200, 208))
         write = [1, *map(int, rng.integers(10, 100, 3)), 150, value, 2]
         read = [1, 160, 161, 2]
-        out.append(Example(TokenEpisode(tuple(write), tuple(read), (False, True, True, True), (value, 2)), (0, 1)))
+        out.append(Example(TokenEpisode(tuple(write), tuple(read), (False, True, True, True), (value, 2),
+                                        value_positions=((5,),), asked=0), (0, 1)))
     return out
 
 
@@ -303,3 +304,67 @@ def test_update_and_precision_flags_are_checked_before_any_work(capsys: pytest.C
         err = capsys.readouterr().err
         assert flags[0] in err and says in err, err
         assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# supervised addressing: the write-gate and key losses against a plain numpy computation
+# ---------------------------------------------------------------------------------------------
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_addressing_losses_match_numpy() -> None:
+    """β BCE and the query-key cosine (with the repel term), written out per row in float64."""
+    from deltamem_edge.train.addressing import beta_loss, key_loss
+
+    rng = np.random.default_rng(4)
+    B, Tw, Tr, H, r, L = 2, 7, 5, 2, 3, 2
+    value_of = np.full((B, Tw), -1)
+    value_of[0, [2, 3]] = 0
+    value_of[0, 5] = 1
+    value_of[1, 1] = 0
+    asked = np.array([1, 0])
+    write_mask = np.ones((B, Tw), bool)
+    write_mask[1, 6] = False  # a pad
+    read_writes = np.zeros((B, Tr), bool)
+    read_writes[:, 2:] = True
+    answer = np.zeros((B, Tr), bool)
+    answer[:, 3:] = True
+    t1 = [tuple(rng.uniform(0.05, 0.95, (B, Tw, H, r)) if i == 3 else _unit(rng.normal(size=(B, Tw, H, r)))
+                for i in range(4)) for _ in range(L)]
+    t2 = [tuple(rng.uniform(0.05, 0.95, (B, Tr, H, r)) if i == 3 else _unit(rng.normal(size=(B, Tr, H, r)))
+                for i in range(4)) for _ in range(L)]
+    want_b, want_k = 0.0, 0.0
+    for (_, k1, _, b1), (q2, _, _, b2) in zip(t1, t2, strict=True):
+        g1, g2 = b1.mean((2, 3)), b2.mean((2, 3))
+        on = (value_of >= 0) & write_mask
+        off = (value_of < 0) & write_mask
+        want_b += -np.log(g1[on]).mean() - np.log(1 - g1[off]).mean() - np.log(1 - g2[read_writes]).mean()
+        asked_cos, other_cos = [], []
+        for b in range(B):
+            for f in sorted(set(value_of[b][value_of[b] >= 0])):
+                key = _unit(k1[b, value_of[b] == f].mean(0))  # [H, r]
+                for t in np.flatnonzero(answer[b]):
+                    c = float((q2[b, t] * key).sum(-1).mean())
+                    (asked_cos if f == asked[b] else other_cos).append(c)
+        want_k += (1 - np.mean(asked_cos)) + np.maximum(np.array(other_cos), 0).mean()
+    T = lambda tr: [tuple(torch.from_numpy(np.asarray(x)) for x in layer) for layer in tr]  # noqa: E731
+    got_b, _, _ = beta_loss(T(t1), T(t2), torch.from_numpy(value_of >= 0), torch.from_numpy(write_mask),
+                            torch.from_numpy(read_writes))
+    got_k, _ = key_loss(T(t1), T(t2), torch.from_numpy(value_of), torch.from_numpy(asked), torch.from_numpy(answer))
+    assert float(got_b) == pytest.approx(want_b / L, rel=1e-5)
+    assert float(got_k) == pytest.approx(want_k / L, rel=1e-5)
+
+
+def test_addressing_training_opens_the_gate_on_values_only(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """With the addressing terms on, the write gate opens on the value token and not on the others."""
+    torch.set_num_threads(1)
+    base = FrozenBase(tiny["llama"])
+    cfg = dataclasses.replace(toy_config(addressing_weight=1.0, key_weight=1.0, beta_lr_mult=5.0), steps=15)
+    model = DeltaMemModel(base, DeltaMem(base, cfg.spec, seed=cfg.seed))
+    history = train(model, toy_examples(48, 6), cfg, tmp_path)
+    first, last = history[0], history[-1]
+    assert abs(first["beta_on"] - first["beta_off"]) < 0.05, first  # β_proj starts at 0: one gate for all
+    assert last["beta_on"] - last["beta_off"] > 0.4, last
+    assert last["key_cos"] > first["key_cos"], (first, last)

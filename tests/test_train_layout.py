@@ -53,3 +53,28 @@ def test_two_runs_match_the_runtime(engine: Engine, tmp_path: Path) -> None:
     tail = len(run2_kv) - n_prompt
     assert run2_written == sum(writes[:n_prompt]) + tail
     assert engine.is_eog(targets[-1])
+
+
+def test_value_positions_spell_every_told_value(engine: Engine) -> None:
+    """The run-1 tokens the write-gate loss opens on are the value's tokens, at every place it is said."""
+    tok = EpisodeTokenizer(engine)
+    checked = 0
+    for ep in make_episodes("train", 40, 11, n_facts=(1, 2, 3), chit_chat=1.0):
+        te = tok.episode(ep)
+        assert te.asked == ep.facts.index(ep.probe)
+        assert len(te.value_positions) == len(ep.facts)
+        text = "".join(f"{m} {a}" for m, a in zip(ep.tell, ep.acks, strict=True))
+        for fact, where in zip(ep.facts, te.value_positions, strict=True):
+            assert where, fact
+            runs: list[list[int]] = []
+            for i in where:  # contiguous runs of positions: one per occurrence
+                if runs and i == runs[-1][-1] + 1:
+                    runs[-1].append(i)
+                else:
+                    runs.append([i])
+            assert len(runs) <= text.count(fact.value)
+            for run in runs:
+                spelled = engine.detokenize([te.write_ids[i] for i in run]).strip()
+                assert fact.value in spelled and len(spelled) <= len(fact.value) + 2, (fact.value, spelled)
+                checked += 1
+    assert checked >= 40

@@ -91,6 +91,14 @@ class Batch:
     targets: torch.Tensor  # [N]
     value_mask: torch.Tensor  # [N] bool: a token of the remembered value
     n_tokens: int  # real tokens fed (run 1 + run 2)
+    value_of: torch.Tensor | None = None  # [B, Tw] long: which told fact's value a run-1 token spells (-1: none)
+    asked: torch.Tensor | None = None  # [B] long: the told fact run 2 asks about (-1: none)
+
+    def answer_positions(self) -> torch.Tensor:
+        """[B, Tr] bool: the run-2 positions whose logits predict a target."""
+        mask = torch.zeros_like(self.read_writes)
+        mask[self.target_rows, self.target_pos] = True
+        return mask
 
 
 def collate(examples: Sequence[Example]) -> Batch:
@@ -101,8 +109,12 @@ def collate(examples: Sequence[Example]) -> Batch:
     write_mask = torch.zeros(B, tw, dtype=torch.bool)
     read_ids = torch.zeros(B, tr, dtype=torch.long)
     read_writes = torch.zeros(B, tr, dtype=torch.bool)
+    value_of = torch.full((B, tw), -1, dtype=torch.long)
+    asked = torch.tensor([e.ep.asked for e in examples], dtype=torch.long)
     rows, pos, tgt, val = [], [], [], []
     for b, e in enumerate(examples):
+        for j, where in enumerate(e.ep.value_positions):
+            value_of[b, list(where)] = j
         w, r = e.ep.write_ids, e.ep.read_ids
         write_ids[b, :len(w)] = torch.tensor(w)
         write_mask[b, :len(w)] = True
@@ -116,4 +128,4 @@ def collate(examples: Sequence[Example]) -> Batch:
             val.append(e.value[0] <= j < e.value[1])
     n = sum(len(e.ep.write_ids) + len(e.ep.read_ids) for e in examples)
     return Batch(write_ids, write_mask, read_ids, read_writes, torch.tensor(rows), torch.tensor(pos),
-                 torch.tensor(tgt), torch.tensor(val), n)
+                 torch.tensor(tgt), torch.tensor(val), n, value_of, asked)

@@ -6,7 +6,9 @@ through the runtime does, and it must not come from the held-out evaluation fact
 run 2 and look at the value's tokens: their mean log-probability with the
 episode's *own* state, with *another* episode's state (same kind of question, other
 value: what a prior over values alone would score), and how often the value's
-tokens are all the model's top-1 choice with its own state.
+tokens are all the model's top-1 choice with its own state, and in how many
+episodes the value is likelier with the own state than with an empty one (what a
+restart from the memory file gives over a fresh memory).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .model import DeltaMemModel
 @torch.no_grad()
 def recall_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int = 32,
                  bf16: bool = False) -> dict[str, float]:
-    own_lp, other_lp, hits, n = 0.0, 0.0, 0, 0
+    own_lp, other_lp, hits, n, better, facts = 0.0, 0.0, 0, 0, 0, 0
     for start in range(0, len(examples), batch):
         chunk = list(examples[start:start + batch])
         if len(chunk) < 2:
@@ -33,6 +35,7 @@ def recall_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int =
             _, own = episode_loss(model, b)
             swapped = own["state"].roll(1, dims=0)  # every row reads its neighbour's memory
             _, other = episode_loss(model, b, state=swapped)
+            _, empty = episode_loss(model, b, state=torch.zeros_like(own["state"]))
         value = b.value_mask
         if not value.any():
             continue
@@ -45,6 +48,8 @@ def recall_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int =
             sel = value & (b.target_rows == row)
             if sel.any():
                 hits += int(hidden_hit[sel].all())
+                better += int(own["logp"][sel].sum() > empty["logp"][sel].sum())
+                facts += 1
     rows = len(examples)
     return {"value_logp_own": own_lp / max(n, 1), "value_logp_other": other_lp / max(n, 1),
-            "value_top1": hits / max(rows, 1)}
+            "value_top1": hits / max(rows, 1), "better_than_empty": better / max(facts, 1)}

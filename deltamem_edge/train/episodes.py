@@ -32,6 +32,8 @@ class TokenEpisode:
     read_writes: tuple[bool, ...]  # per run-2 token: written into the state?
     targets: tuple[int, ...]  # the answer tokens + end of turn, predicted at the last len(targets) positions
     kind: str = ""
+    value_positions: tuple[tuple[int, ...], ...] = ()  # per told fact: its value's run-1 token indices
+    asked: int = -1  # which told fact run 2 asks about (-1: none, e.g. a general-behaviour example)
 
 
 class EpisodeTokenizer:
@@ -61,12 +63,41 @@ class EpisodeTokenizer:
             raise ValueError("the template's closing tail does not start with an end-of-generation token")
         return tail[0]
 
-    def run1(self, tell: tuple[str, ...], replies: tuple[str, ...]) -> list[int]:
-        """Every token run 1 writes: system prompt + each (message, reply, closing tail)."""
+    def _run1_text(self, tell: tuple[str, ...], replies: tuple[str, ...]) -> str:
         msgs = list(self._system_msgs)
         for user, reply in zip(tell, replies, strict=True):
             msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        return self._ids(self.template.render(msgs, generation_prompt=False))
+        return self.template.render(msgs, generation_prompt=False)
+
+    def run1(self, tell: tuple[str, ...], replies: tuple[str, ...]) -> list[int]:
+        """Every token run 1 writes: system prompt + each (message, reply, closing tail)."""
+        return self._ids(self._run1_text(tell, replies))
+
+    def value_positions(self, tell: tuple[str, ...], replies: tuple[str, ...],
+                        values: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Per value: the run-1 token indices that spell it, over every place run 1 says it.
+
+        Why: the addressing losses supervise the write gate on exactly these tokens.
+        A value starts at the token after the text before it (a leading space belongs
+        to the value's first token, as BPE tokenizers merge it); an occurrence whose
+        prefix does not tokenize to a prefix of run 1 (a merge across the boundary) is
+        left out rather than guessed.
+        """
+        text = self._run1_text(tell, replies)
+        full = self._ids(text)
+        out = []
+        for value in values:
+            found: set[int] = set()
+            start = 0
+            while value and (i := text.find(value, start)) >= 0:
+                start = i + len(value)
+                head = self._ids(text[:i].rstrip(" "))
+                upto = self._ids(text[:start])
+                a, b = len(head), max(len(head) + 1, len(upto))
+                if full[:a] == head and full[:b] == upto:
+                    found.update(range(a, b))
+            out.append(tuple(sorted(found)))
+        return tuple(out)
 
     def run2(self, question: str, answer: str) -> tuple[list[int], list[bool], list[int]]:
         """(ids fed, write flags, targets) of run 2: system read-only, question + answer written."""
@@ -83,6 +114,10 @@ class EpisodeTokenizer:
 
     def episode(self, ep: Episode, answer: str | None = None, question: str | None = None,
                 replies: tuple[str, ...] | None = None) -> TokenEpisode:
-        write_ids = self.run1(ep.tell, replies if replies is not None else ep.acks)
+        replies = replies if replies is not None else ep.acks
+        write_ids = self.run1(ep.tell, replies)
         ids, writes, targets = self.run2(question or ep.probe.question, answer or ep.probe.answer)
-        return TokenEpisode(tuple(write_ids), tuple(ids), tuple(writes), tuple(targets), ep.probe.kind)
+        positions = self.value_positions(ep.tell, replies, tuple(f.value for f in ep.facts))
+        asked = ep.facts.index(ep.probe) if question is None and answer is None else -1
+        return TokenEpisode(tuple(write_ids), tuple(ids), tuple(writes), tuple(targets), ep.probe.kind,
+                            positions, asked)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..conversation import deferred_interrupts
+from .addressing import beta_loss, key_loss
 from .data import Batch, Example, collate
 from .model import DeltaMem, DeltaMemModel, DeltaMemSpec
 
@@ -50,6 +51,9 @@ class TrainConfig:
     contrast_weight: float = 0.0  # own-state vs other-state margin on the value tokens (see episode_loss)
     small_values: int = 0  # curriculum: the first `small_fraction` of the steps use this many values per kind
     small_fraction: float = 0.0
+    addressing_weight: float = 0.0  # write-gate BCE: open on told values, shut elsewhere (addressing.beta_loss)
+    key_weight: float = 0.0  # answer queries meet the asked value's keys (addressing.key_loss)
+    beta_lr_mult: float = 1.0  # learning-rate factor of the write-gate weights
     checkpoint_every: int = 25
     bf16: bool | None = None  # backbone matmuls in bfloat16 (δ-mem weights and scan stay f32); None: native_bf16()
 
@@ -98,11 +102,12 @@ def batch_order(n: int, cfg: TrainConfig, steps: int | None = None, tag: str = "
     return [order[i * cfg.batch:(i + 1) * cfg.batch] for i in range(steps)]
 
 
-def _answer_logp(model: DeltaMemModel, batch: Batch, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _answer_logp(model: DeltaMemModel, batch: Batch, state: torch.Tensor,
+                 trace: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run 2 from ``state``: (log-prob of each target, best log-prob at each target position)."""
     B = batch.read_ids.shape[0]
     pos = torch.arange(batch.read_ids.shape[1]).expand(B, -1)
-    hidden, _ = model(batch.read_ids, pos, batch.read_writes, state)
+    hidden, _ = model(batch.read_ids, pos, batch.read_writes, state, trace=trace)
     h = hidden[batch.target_rows, batch.target_pos]
     logp = F.log_softmax(model.logits(h).float(), dim=-1)
     return logp.gather(1, batch.targets[:, None])[:, 0], logp.max(-1).values
@@ -110,7 +115,8 @@ def _answer_logp(model: DeltaMemModel, batch: Batch, state: torch.Tensor) -> tup
 
 def episode_loss(model: DeltaMemModel, batch: Batch, value_weight: float = 1.0,
                  state: torch.Tensor | None = None, contrast_weight: float = 0.0,
-                 contrast_margin: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 contrast_margin: float = 1.0, addressing_weight: float = 0.0,
+                 key_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy of run 2's answers after run 1 wrote the state (or from ``state`` when given).
 
     With ``contrast_weight`` > 0, run 2 is also run from another row's state (the batch
@@ -118,21 +124,34 @@ def episode_loss(model: DeltaMemModel, batch: Batch, value_weight: float = 1.0,
     to be at least ``contrast_margin`` nats likelier with their own state than with it:
     the loss then rewards exactly what a prior over values cannot give.
 
-    Returns (loss, per-target details: log-probs, best log-probs, value mask, the state).
+    ``addressing_weight`` and ``key_weight`` add the supervised-addressing terms of
+    ``addressing.py`` (they need run 1, so only when ``state`` is not given).
+
+    Returns (loss, per-target details: log-probs, best log-probs, value mask, the state,
+    and the addressing statistics when those terms are on).
     """
     B = batch.write_ids.shape[0]
+    addressing = state is None and (addressing_weight > 0 or key_weight > 0) and batch.value_of is not None
+    trace1: list | None = [] if addressing else None
+    trace2: list | None = [] if addressing else None
     if state is None:
         pos = torch.arange(batch.write_ids.shape[1]).expand(B, -1)
-        _, state = model(batch.write_ids, pos, batch.write_mask)
-    tok_logp, top = _answer_logp(model, batch, state)
+        _, state = model(batch.write_ids, pos, batch.write_mask, trace=trace1)
+    tok_logp, top = _answer_logp(model, batch, state, trace2)
     weights = 1.0 + (value_weight - 1.0) * batch.value_mask.float()
     loss = -(tok_logp * weights).sum() / weights.sum()
+    stats: dict[str, torch.Tensor] = {}
+    if addressing:
+        lb, beta_on, beta_off = beta_loss(trace1, trace2, batch.value_of >= 0, batch.write_mask, batch.read_writes)
+        lk, cos = key_loss(trace1, trace2, batch.value_of, batch.asked, batch.answer_positions())
+        loss = loss + addressing_weight * lb + key_weight * lk
+        stats = {"beta_on": torch.tensor(beta_on), "beta_off": torch.tensor(beta_off), "key_cos": torch.tensor(cos)}
     if contrast_weight > 0 and B > 1 and batch.value_mask.any():
         other_logp, _ = _answer_logp(model, batch, state.roll(1, dims=0))
         gap = (tok_logp - other_logp)[batch.value_mask]
         loss = loss + contrast_weight * F.relu(contrast_margin - gap).mean()
     return loss, {"logp": tok_logp.detach(), "top": top.detach(), "value": batch.value_mask,
-                  "state": state.detach()}
+                  "state": state.detach(), **stats}
 
 
 @dataclass
@@ -166,7 +185,10 @@ def train(model: DeltaMemModel, examples: Sequence[Example], cfg: TrainConfig, o
     mem = model.mem
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(mem.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    gate = [mem.beta_proj, mem.beta_bias]
+    rest = [p for p in mem.parameters() if all(p is not g for g in gate)]
+    opt = torch.optim.AdamW([{"params": rest, "lr_mult": 1.0}, {"params": gate, "lr_mult": cfg.beta_lr_mult}],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     ckpt = out_dir / CHECKPOINT
     history: list[dict] = []
     start = 0
@@ -185,10 +207,11 @@ def train(model: DeltaMemModel, examples: Sequence[Example], cfg: TrainConfig, o
     try:
         for step in range(start, cfg.steps):
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg) * g["lr_mult"]
             batch = collate([pools[pool][i] for pool, i in order[step]])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss, _ = episode_loss(model, batch, cfg.value_weight, contrast_weight=cfg.contrast_weight)
+                loss, info = episode_loss(model, batch, cfg.value_weight, contrast_weight=cfg.contrast_weight,
+                                          addressing_weight=cfg.addressing_weight, key_weight=cfg.key_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             with deferred_interrupts():  # the weights and the step count move together
@@ -198,7 +221,8 @@ def train(model: DeltaMemModel, examples: Sequence[Example], cfg: TrainConfig, o
             tokens_run += batch.n_tokens
             elapsed = time.perf_counter() - t_run
             rec = {"step": step + 1, "loss": float(loss.detach()), "lr": lr_at(step, cfg), "grad_norm": grad_norm,
-                   "tokens_per_s": tokens_run / elapsed}
+                   "tokens_per_s": tokens_run / elapsed,
+                   **{k: float(info[k]) for k in ("beta_on", "beta_off", "key_cos") if k in info}}
             if evaluate is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
                 rec["eval"] = evaluate(step + 1)
             history.append(rec)

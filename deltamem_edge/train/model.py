@@ -32,6 +32,7 @@ from ..errors import ModelLoadError
 from ..reference import HParams, RefModel
 
 SUPPORTED_TRAIN_ARCHS = ("llama", "qwen2", "qwen3")
+INITS = ("upstream", "tied")
 UPDATE_MODES = ("standard", "no_lambda")  # the subset of gguf_schema.UPDATE_MODES the trainer builds
 
 
@@ -55,6 +56,7 @@ class DeltaMemSpec:
     base_slice_width: int = 8
     init: str = "upstream"  # or "tied": see DeltaMem.__init__
     update_mode: str = "standard"  # or "no_lambda"
+    query_gain: float | None = None  # tied init: initial size of the δ heads other than δ_o (None: online_gain)
 
     @property
     def R(self) -> int:
@@ -164,7 +166,7 @@ class DeltaMem(torch.nn.Module):
         self.memory_qkv = torch.nn.Parameter((torch.rand(L, 3 * R, D, generator=g) * 2 - 1) * bound)
         self.beta_proj = torch.nn.Parameter(torch.zeros(L, R, D))
         self.beta_bias = torch.nn.Parameter(torch.full((L, R), float(spec.beta_bias_init)))
-        if spec.init not in ("upstream", "tied"):
+        if spec.init not in INITS:
             raise ValueError(f"unknown init {spec.init!r}")
         if spec.update_mode not in UPDATE_MODES:
             raise ValueError(f"unknown update mode {spec.update_mode!r}; the trainer supports {', '.join(UPDATE_MODES)}")
@@ -184,8 +186,9 @@ class DeltaMem(torch.nn.Module):
                     w[il] = F.normalize(self.memory_qkv[il, 2 * R:3 * R].detach().T, dim=0) * spec.online_gain
                     continue
                 # upstream's base_slice_fixed: unit columns of the base weight, times the gain
+                gain = spec.query_gain if spec.init == "tied" and spec.query_gain is not None else spec.online_gain
                 src = base.w(f"blk.{il}.{base_names[h]}.weight")[:, :width]
-                w[il, :, :width] = F.normalize(src, dim=0) * spec.online_gain
+                w[il, :, :width] = F.normalize(src, dim=0) * gain
             self.delta[h] = torch.nn.Parameter(w)
 
     def inputs(self, il: int, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -229,7 +232,11 @@ def delta_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
 
 
 class DeltaMemModel(torch.nn.Module):
-    """Base + δ-mem: ``forward(ids, pos, write, S0)`` -> (final hidden [B, T, D], state)."""
+    """Base + δ-mem: ``forward(ids, pos, write, S0)`` -> (final hidden [B, T, D], state).
+
+    ``trace``, when given a list, receives each layer's memory (q, k, v, β), each
+    [B, T, H, r], for the losses that supervise addressing (``addressing.py``).
+    """
 
     def __init__(self, base: FrozenBase, mem: DeltaMem | None) -> None:
         super().__init__()
@@ -240,7 +247,7 @@ class DeltaMemModel(torch.nn.Module):
         return torch.zeros(batch, L, spec.state_heads, spec.rank, spec.rank, dtype=self.mem.memory_qkv.dtype)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, write: torch.Tensor,
-                S0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                S0: torch.Tensor | None = None, trace: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         base, hp = self.base, self.base.hp
         B, T = ids.shape
         x = base.w("token_embd.weight")[ids]
@@ -258,6 +265,8 @@ class DeltaMemModel(torch.nn.Module):
             deltas: dict[str, torch.Tensor] = {}
             if self.mem is not None:
                 mq, mk, mv, beta = self.mem.inputs(il, a)
+                if trace is not None:
+                    trace.append((mq, mk, mv, beta))
                 S = S0[:, il] if S0 is not None else self.empty_state(B)[:, il]
                 reads, S = delta_scan(mq, mk, mv, beta, write, S, decay=self.mem.spec.update_mode == "standard")
                 states.append(S)

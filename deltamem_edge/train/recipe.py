@@ -11,15 +11,20 @@ from .loop import TrainConfig
 from .model import DeltaMemSpec
 
 DEFAULT_RECIPE = TrainConfig(
-    spec=DeltaMemSpec(rank=8, state_heads=1, alpha=16.0, delta_heads=("q", "o"), beta_bias_init=-1.5,
-                      online_gain=0.05),
-    steps=240,
+    # tied init: memory keys = queries and δ_o = normalize(W_vᵀ)·8, a copy path that already reads a
+    # novel value back under perfect addressing; δ_q starts small; the plain delta rule (no decay)
+    spec=DeltaMemSpec(rank=8, state_heads=1, alpha=16.0, delta_heads=("q", "o"), beta_bias_init=-3.0,
+                      online_gain=8.0, init="tied", query_gain=0.05, update_mode="no_lambda"),
+    steps=320,
     batch=16,
     lr=2e-3,
     seed=1,
     n_fact_episodes=4000,
     n_generic_episodes=400,
     facts_per_memory=(1, 1, 2, 3),
-    small_values=4,
-    small_fraction=0.3,
+    value_weight=3.0,
+    # supervised addressing (addressing.py): the answer loss alone never found it
+    addressing_weight=2.0,
+    key_weight=1.0,
+    beta_lr_mult=20.0,
 )

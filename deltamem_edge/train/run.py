@@ -66,7 +66,8 @@ def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: i
     def evaluate(step: int) -> dict:
         probe = recall_probe(model, dev, bf16=bool(cfg.bf16))
         bar.write(f"step {step}: dev value log-prob own {probe['value_logp_own']:.2f} "
-                  f"other {probe['value_logp_other']:.2f}, value top-1 {probe['value_top1']:.0%}")
+                  f"other {probe['value_logp_other']:.2f}, value top-1 {probe['value_top1']:.0%}, "
+                  f"likelier than with an empty memory {probe['better_than_empty']:.0%}")
         return probe
 
     try:
