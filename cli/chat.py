@@ -116,7 +116,8 @@ def chat(
     try:
         if embedded:
             print(f"deltamem-edge chat · embedded default model: SmolLM2-135M-Instruct (Q4_1, {model})")
-            print(f"  adapter: {defaults.PLACEHOLDER_LABEL}")
+            if engine.adapter:
+                print(f"  adapter: {defaults.default_adapter_label(engine.adapter.path) or engine.adapter.path}")
         else:
             print(f"deltamem-edge chat · model: {f'{resolved.name} ({model})' if resolved.name else model}")
             if engine.adapter:

@@ -55,7 +55,7 @@ def eval_memory(
             Engine(model_path, False, n_ctx=N_CTX, n_threads=threads) as base:
         result = evaluate_memory(engine, base, cfg, command=command)
     text = markdown(result)
-    if model is None and adapter is None:
+    if model is None and adapter is None and defaults.default_adapter_label(adapter_path) == defaults.PLACEHOLDER_LABEL:
         text += f"\nThe adapter is the {defaults.PLACEHOLDER_LABEL}: it is not expected to remember.\n"
     print(text)
     if json_path is not None:

@@ -31,6 +31,7 @@ def train(
     facts: str = typer.Option(None, "--facts", help="Facts per training memory, drawn from this list (e.g. 1,1,2,3)."),
     episodes: int = typer.Option(None, "--episodes", help="Fact episodes in the training set."),
     generic: int = typer.Option(None, "--generic", help="General-behaviour episodes (the base model's own answers)."),
+    prose: int = typer.Option(None, "--prose", help="Episodes that write ordinary prose into the state (the gate learns to stay shut)."),
     update: str = typer.Option(None, "--update", help="State update: standard (λ = 1 − β) or no_lambda (plain delta rule)."),
     precision: str = typer.Option("auto", "--precision",
                                   help="Backbone matmuls: bf16, f32, or auto (bf16 only where the CPU has native bf16)."),
@@ -74,7 +75,7 @@ def train(
     }.items() if v is not None}
     changes = {k: v for k, v in {
         "steps": steps, "batch": batch, "lr": lr, "seed": seed, "n_fact_episodes": episodes,
-        "n_generic_episodes": generic, "contrast_weight": contrast, "facts_per_memory": facts_per_memory(facts, "--facts") if facts else None,
+        "n_generic_episodes": generic, "n_prose_episodes": prose, "contrast_weight": contrast, "facts_per_memory": facts_per_memory(facts, "--facts") if facts else None,
         "value_weight": value_weight, "addressing_weight": addressing, "key_weight": key_weight, "beta_lr_mult": beta_lr_mult,
     }.items() if v is not None}
     precisions = {"auto": None, "bf16": True, "f32": False}

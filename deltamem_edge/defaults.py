@@ -1,4 +1,4 @@
-"""The embedded default model and its placeholder δ-mem adapter.
+"""The embedded default model and its default δ-mem adapter (trained, else a placeholder).
 
 Why: ``deltamem-edge chat`` with no ``--model`` must work on a fresh machine
 without a model hub.  The base model is SmolLM2-135M-Instruct (Q4_1 GGUF) from
@@ -9,6 +9,11 @@ weights of the right shape, small enough not to derail the model.  It is built
 deterministically from a seed through the real converter path (upstream-format
 adapter folder -> ``convert_adapter``), committed in ``models/``, and rebuilt
 into the cache when the package is installed without the repository.
+
+The adapter trained by ``deltamem-edge train`` (its recipe and measurements in
+models/README.md) is committed in ``models/`` too; when present it is the default,
+and the placeholder is what a package installed without the repository falls back
+to (rebuilding the trained one takes ≈ 45 min, so it is never built on the fly).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PLACEHOLDER_NAME = "smollm2-135m-instruct.placeholder.dmem.gguf"
 PLACEHOLDER_SEED = 20261128
 PLACEHOLDER_LABEL = "PLACEHOLDER δ-mem adapter (random, untrained) for SmolLM2-135M-Instruct"
+TRAINED_NAME = "smollm2-135m-instruct.dmem.gguf"
+TRAINED_LABEL = "δ-mem adapter for SmolLM2-135M-Instruct trained with `deltamem-edge train` (models/README.md)"
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
@@ -48,7 +55,24 @@ def default_model_path() -> Path:
     return path
 
 
+def trained_adapter_committed() -> bool:
+    """Whether the trained default adapter is in models/ (a repository checkout)."""
+    return (REPO_MODELS / TRAINED_NAME).is_file()
+
+
 def default_adapter_path() -> Path:
+    """The default adapter: the trained one in models/, else the placeholder."""
+    if trained_adapter_committed():
+        return REPO_MODELS / TRAINED_NAME
+    return placeholder_adapter_path()
+
+
+def default_adapter_label(path: Path) -> str | None:
+    """What the chat banner says about a bundled default adapter (None: not one of ours)."""
+    return {TRAINED_NAME: TRAINED_LABEL, PLACEHOLDER_NAME: PLACEHOLDER_LABEL}.get(Path(path).name)
+
+
+def placeholder_adapter_path() -> Path:
     """The placeholder adapter: the committed copy in models/, else one built into the cache."""
     committed = REPO_MODELS / PLACEHOLDER_NAME
     if committed.is_file():

@@ -19,7 +19,7 @@ import pexpect
 import pytest
 from ggufs import write_random_adapter
 
-from deltamem_edge.defaults import default_adapter_path, default_model_path
+from deltamem_edge.defaults import default_model_path, placeholder_adapter_path
 from deltamem_edge.statefile import read_state_file
 
 PROMPT = "> "
@@ -93,7 +93,7 @@ def test_ctrl_c_stops_a_reply_and_keeps_memory(setup):
     memory = setup["dir"] / "interrupt.state"
     # the gentle placeholder adapter (random, small) keeps SmolLM2 talkative enough to be interrupted; 900 tokens
     # (the most that fits the 1024-token context without eviction) so a loaded CI machine still interrupts it
-    child = spawn(setup, memory, "-n", "900", "--temp", "0.8", "--seed", "3", adapter=default_adapter_path())
+    child = spawn(setup, memory, "-n", "900", "--temp", "0.8", "--seed", "3", adapter=placeholder_adapter_path())
     child.expect_exact(PROMPT)
     child.sendline("Write a very long story about the sea.")
     child.expect_exact("sea.\r\n")  # our own line, echoed by the terminal

@@ -124,3 +124,13 @@ def test_no_value_repeats_or_contains_another_in_one_episode() -> None:
         for i, a in enumerate(values):
             for b in values[i + 1:]:
                 assert a not in b and b not in a, (a, b)
+
+
+def test_training_prose_never_contains_the_perplexity_check_text() -> None:
+    """The prose the trainer writes into the state is not the held-out prose perplexity is measured on."""
+    assert not set(facts.TRAINING_TEXT_MODULES) & set(facts.GENERIC_TEXT_MODULES)
+    train, held_out = facts.training_text(), facts.generic_text()
+    assert len(train) >= 50 and all(len(chunk) >= 300 for chunk in train)
+    for doc in held_out:
+        for i in range(0, len(doc) - 60, 60):  # no 60-character piece of a held-out document in training
+            assert not any(doc[i:i + 60] in chunk for chunk in train), doc[i:i + 60]

@@ -78,3 +78,24 @@ def test_value_positions_spell_every_told_value(engine: Engine) -> None:
                 assert fact.value in spelled and len(spelled) <= len(fact.value) + 2, (fact.value, spelled)
                 checked += 1
     assert checked >= 40
+
+
+def test_prose_examples_are_plain_documents_with_nothing_to_remember(engine: Engine) -> None:
+    """Prose is written as the perplexity check feeds it (BOS, no template); no value to open the gate on."""
+    from deltamem_edge.recall.facts import training_text
+    from deltamem_edge.train.data import PROSE_MAX_TOKENS, prose_examples
+
+    tok = EpisodeTokenizer(engine)
+    answers = {"Say hello.": "Hello!", "Name a colour.": "Blue."}
+    starts = {tuple(engine.tokenize(d, add_special=True)[:6]) for d in training_text()}
+    examples = prose_examples(tok, 12, 3, answers)
+    assert len(examples) == 12
+    for ex in examples:
+        ep = ex.ep
+        assert ep.value_positions == () and ep.asked == -1 and ex.value == (0, 0)
+        assert 2 <= len(ep.write_ids) <= PROSE_MAX_TOKENS
+        assert not any(engine.is_eog(t) for t in ep.write_ids)  # plain text, not a chat turn
+        question = next(q for q in answers if tok.run2(q, answers[q])[0] == list(ep.read_ids))
+        assert list(ep.targets) == tok.run2(question, answers[question])[2]
+    from_start = [ex for ex in examples if tuple(ex.ep.write_ids[:6]) in starts]
+    assert from_start, "no window starts at the beginning of a training document"

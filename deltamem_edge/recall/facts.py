@@ -332,6 +332,44 @@ GENERIC_TEXT_MODULES = ("textwrap", "argparse", "json", "csv", "logging", "stati
                         "difflib", "heapq", "bisect", "shutil", "tempfile", "zipfile", "string", "random")
 
 
+TRAINING_TEXT_MODULES = ("collections", "itertools", "functools", "pathlib", "typing", "dataclasses", "datetime",
+                         "decimal", "email.message", "html.parser", "http.client", "sqlite3", "unittest", "urllib.request",
+                         "pickle", "copy", "inspect", "enum", "glob", "gzip", "hashlib", "io", "locale", "operator",
+                         "pprint", "queue", "secrets", "shlex", "socket", "struct", "subprocess", "threading", "timeit",
+                         "traceback", "types", "uuid", "warnings", "weakref", "configparser", "contextlib", "codecs",
+                         "tarfile", "smtplib", "ftplib", "poplib", "imaplib", "mailbox", "optparse", "getopt", "gettext")
+
+
+def training_text(chunk_chars: int = 1200, min_chars: int = 300) -> list[str]:
+    """English prose for training the memory to stay shut on ordinary text (disjoint from ``generic_text``).
+
+    Why: the perplexity check writes held-out prose into the state; a write gate trained only
+    on chat episodes opens on prose too, and what it writes then disturbs the next tokens.
+    The module and member docstrings of other standard-library modules than the check's,
+    joined per module and cut into chunks.
+    """
+    import importlib
+    import inspect
+    import warnings
+
+    docs = []
+    for name in TRAINING_TEXT_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:  # a module this Python was built without
+            continue
+        parts = [mod.__doc__ or ""]
+        with warnings.catch_warnings():  # typing's deprecated typing.io / typing.re warn when touched
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for _, member in sorted(vars(mod).items()):
+                if (inspect.isclass(member) or inspect.isfunction(member)) and getattr(member, "__module__", "") == mod.__name__:
+                    doc = getattr(member, "__doc__", None)
+                    parts.append(doc if isinstance(doc, str) else "")
+        text = " ".join(" ".join(parts).split())
+        docs += [c for i in range(0, len(text), chunk_chars) if len(c := text[i:i + chunk_chars]) >= min_chars]
+    return docs
+
+
 def generic_text(max_docs: int = len(GENERIC_TEXT_MODULES), min_chars: int = 400) -> list[str]:
     """Held-out English prose for the perplexity check: docstrings of Python's standard library.
 

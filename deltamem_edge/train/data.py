@@ -17,7 +17,7 @@ import torch
 
 from ..conversation import Conversation
 from ..engine import Engine
-from ..recall.facts import Episode, generic_prompts, make_episodes
+from ..recall.facts import Episode, generic_prompts, make_episodes, training_text
 from ..sampling import SamplingParams
 from .episodes import EpisodeTokenizer, TokenEpisode
 
@@ -67,14 +67,42 @@ def generic_examples(tok: EpisodeTokenizer, n: int, seed: int, answers: dict[str
     return out
 
 
+PROSE_MAX_TOKENS = 96  # about the longest fact episode: a longer window would pad every batch
+
+
+def prose_examples(tok: EpisodeTokenizer, n: int, seed: int, answers: dict[str, str]) -> list[Example]:
+    """Ordinary prose written into the state, then an everyday prompt answered as the base answers it.
+
+    Why: written prose must not open the write gate (``addressing.beta_loss`` has no told value
+    there, so every token's target is "shut"), and what it leaves in the state must not change
+    a later reply.  Run 1 is the text as a plain document (BOS, no chat template), as the
+    perplexity check feeds it; run 2 is a new run on that state.
+    """
+    rng = random.Random(f"deltamem-edge/prose/{seed}")
+    docs, prompts = training_text(), sorted(answers)
+    if not docs or not prompts:
+        return []
+    out = []
+    for _ in range(n):
+        ids = tok.engine.tokenize(rng.choice(docs), add_special=True)
+        start = rng.randrange(0, max(1, len(ids) - PROSE_MAX_TOKENS // 2)) if rng.random() < 0.5 else 0
+        window = ids[start:start + PROSE_MAX_TOKENS]
+        prompt = rng.choice(prompts)
+        read, writes, targets = tok.run2(prompt, answers[prompt])
+        out.append(Example(TokenEpisode(tuple(window), tuple(read), tuple(writes), tuple(targets), "prose"), (0, 0)))
+    return out
+
+
 def build_mix(engine: Engine, n_fact: int, n_generic: int, seed: int, n_facts: tuple[int, ...],
-              split: str = "train", value_limit: int = 0) -> tuple[list[Example], EpisodeTokenizer]:
-    """Fact episodes (values from at most ``value_limit`` per kind when > 0) plus generic ones."""
+              split: str = "train", value_limit: int = 0, n_prose: int = 0) -> tuple[list[Example], EpisodeTokenizer]:
+    """Fact episodes (values from at most ``value_limit`` per kind when > 0) plus generic and prose ones."""
     tok = EpisodeTokenizer(engine)
     episodes = make_episodes(split, n_fact, seed + 104729 * value_limit, n_facts=n_facts, value_limit=value_limit)
     examples = fact_examples(tok, episodes)
-    if n_generic:
-        examples += generic_examples(tok, n_generic, seed, base_answers(engine, generic_prompts("train")))
+    if n_generic or n_prose:
+        answers = base_answers(engine, generic_prompts("train"))
+        examples += generic_examples(tok, n_generic, seed, answers)
+        examples += prose_examples(tok, n_prose, seed, answers)
     return examples, tok
 
 

@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 1
     n_fact_episodes: int = 6000
     n_generic_episodes: int = 600
+    n_prose_episodes: int = 0  # prose written into the state, the gate trained shut on it (data.prose_examples)
     facts_per_memory: tuple[int, ...] = (1, 1, 2, 3)
     value_weight: float = 1.0  # extra weight of the remembered value's tokens in the loss
     contrast_weight: float = 0.0  # own-state vs other-state margin on the value tokens (see episode_loss)

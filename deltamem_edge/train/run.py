@@ -44,7 +44,7 @@ def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: i
     engine = Engine(base_path, adapter_path=False, n_ctx=2048)
     try:
         examples, tok = build_mix(engine, cfg.n_fact_episodes, cfg.n_generic_episodes, cfg.seed,
-                                  cfg.facts_per_memory)
+                                  cfg.facts_per_memory, n_prose=cfg.n_prose_episodes)
         dev = fact_examples(tok, make_episodes("dev", dev_episodes, cfg.seed, n_facts=1))
         small: list = []
         if curriculum_steps(cfg):
