@@ -55,16 +55,10 @@ def default_model_path() -> Path:
     return path
 
 
-def trained_adapter_committed() -> bool:
-    """Whether the trained default adapter is in models/ (a repository checkout)."""
-    return (REPO_MODELS / TRAINED_NAME).is_file()
-
-
 def default_adapter_path() -> Path:
-    """The default adapter: the trained one in models/, else the placeholder."""
-    if trained_adapter_committed():
-        return REPO_MODELS / TRAINED_NAME
-    return placeholder_adapter_path()
+    """The default adapter: the trained one in models/ (a repository checkout), else the placeholder."""
+    trained = REPO_MODELS / TRAINED_NAME
+    return trained if trained.is_file() else placeholder_adapter_path()
 
 
 def default_adapter_label(path: Path) -> str | None:

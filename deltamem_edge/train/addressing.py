@@ -62,19 +62,21 @@ def key_loss(trace1: Trace, trace2: Trace, value_of: torch.Tensor, asked: torch.
     if not rows.any():
         return torch.zeros((), dtype=torch.float32), 0.0
     n_facts = max(int(value_of.max()), int(asked.max())) + 1
+    onehot = F.one_hot((value_of + 1).clamp(min=0), n_facts + 1)[..., 1:].float()  # [B, Tw, F]
+    counts = onehot.sum(1)  # [B, F]
+    sel = (answer_pos & rows[:, None])[..., None]  # [B, Tr, 1]
+    is_asked = F.one_hot(asked.clamp(min=0), n_facts).bool()[:, None, :]  # [B, 1, F]
+    told = (counts > 0)[:, None, :]  # [B, 1, F]
+    asked_mask = is_asked & told & sel  # an asked value run 1 never spelled has no key
+    other_mask = ~is_asked & told & sel
     loss = torch.zeros((), dtype=torch.float32)
     cos_asked = 0.0
     for (_, k1, _, _), (q2, _, _, _) in zip(trace1, trace2, strict=True):
-        onehot = F.one_hot((value_of + 1).clamp(min=0), n_facts + 1)[..., 1:].float()  # [B, Tw, F]
-        counts = onehot.sum(1)  # [B, F]
         keys = torch.einsum("btf,bthr->bfhr", onehot, k1.float()) / counts.clamp(min=1)[..., None, None]
         keys = F.normalize(keys, dim=-1)
         cos = torch.einsum("bthr,bfhr->btfh", q2.float(), keys).mean(-1)  # [B, Tr, F]
-        sel = answer_pos & rows[:, None]
-        is_asked = F.one_hot(asked.clamp(min=0), n_facts).bool()[:, None, :].expand_as(cos)
-        told = (counts > 0)[:, None, :].expand_as(cos)
-        c_asked = cos[is_asked & told & sel[..., None]]  # an asked value run 1 never spelled has no key
-        c_other = cos[~is_asked & told & sel[..., None]]
+        c_asked = cos[asked_mask.expand_as(cos)]
+        c_other = cos[other_mask.expand_as(cos)]
         if c_asked.numel():
             loss = loss + (1 - c_asked).mean()
             cos_asked += float(c_asked.detach().mean())

@@ -19,7 +19,7 @@ from ..conversation import Conversation
 from ..engine import Engine
 from ..recall.facts import Episode, generic_prompts, make_episodes, training_text
 from ..sampling import SamplingParams
-from .episodes import EpisodeTokenizer, TokenEpisode
+from .episodes import EpisodeTokenizer, TokenEpisode, token_span
 
 
 def base_answers(engine: Engine, prompts: Sequence[str], max_tokens: int = 64) -> dict[str, str]:
@@ -38,9 +38,7 @@ def value_span(tok: EpisodeTokenizer, answer: str, value: str) -> tuple[int, int
     i = answer.find(value)
     if i < 0:
         return 0, 0
-    enc = lambda s: tok.engine.tokenize(s, add_special=False, parse_special=False)  # noqa: E731
-    start = len(enc(answer[:i].rstrip(" ")))
-    return start, max(start + 1, len(enc(answer[:i + len(value)])))
+    return token_span(lambda s: tok.engine.tokenize(s, add_special=False, parse_special=False), answer, i, i + len(value))
 
 
 @dataclass
@@ -119,8 +117,8 @@ class Batch:
     targets: torch.Tensor  # [N]
     value_mask: torch.Tensor  # [N] bool: a token of the remembered value
     n_tokens: int  # real tokens fed (run 1 + run 2)
-    value_of: torch.Tensor | None = None  # [B, Tw] long: which told fact's value a run-1 token spells (-1: none)
-    asked: torch.Tensor | None = None  # [B] long: the told fact run 2 asks about (-1: none)
+    value_of: torch.Tensor  # [B, Tw] long: which told fact's value a run-1 token spells (-1: none)
+    asked: torch.Tensor  # [B] long: the told fact run 2 asks about (-1: none)
 
     def answer_positions(self) -> torch.Tensor:
         """[B, Tr] bool: the run-2 positions whose logits predict a target."""

@@ -16,11 +16,23 @@ layout is taken from the runtime itself (the model's own chat template through
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..conversation import _Template
 from ..engine import Engine
 from ..recall.facts import Episode
+
+
+def token_span(encode: Callable[[str], list[int]], text: str, start: int, end: int) -> tuple[int, int]:
+    """Token range of ``text[start:end]`` inside ``encode(text)``.
+
+    A span starts at the token after the text before it, with trailing spaces dropped:
+    BPE tokenizers merge a leading space into the span's first token.  It covers at
+    least one token.
+    """
+    first = len(encode(text[:start].rstrip(" ")))
+    return first, max(first + 1, len(encode(text[:end])))
 
 
 @dataclass(frozen=True)
@@ -73,28 +85,21 @@ class EpisodeTokenizer:
         """Every token run 1 writes: system prompt + each (message, reply, closing tail)."""
         return self._ids(self._run1_text(tell, replies))
 
-    def value_positions(self, tell: tuple[str, ...], replies: tuple[str, ...],
-                        values: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
-        """Per value: the run-1 token indices that spell it, over every place run 1 says it.
+    def _value_positions(self, text: str, full: list[int], values: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Per value: the indices in ``full`` (run 1's ids of ``text``) that spell it, wherever run 1 says it.
 
-        Why: the addressing losses supervise the write gate on exactly these tokens.
-        A value starts at the token after the text before it (a leading space belongs
-        to the value's first token, as BPE tokenizers merge it); an occurrence whose
-        prefix does not tokenize to a prefix of run 1 (a merge across the boundary) is
-        left out rather than guessed.
+        Why: the addressing losses supervise the write gate on exactly these tokens.  An
+        occurrence whose surrounding text does not tokenize to a prefix of run 1 (a merge
+        across the boundary) is left out rather than guessed.
         """
-        text = self._run1_text(tell, replies)
-        full = self._ids(text)
         out = []
         for value in values:
             found: set[int] = set()
             start = 0
             while value and (i := text.find(value, start)) >= 0:
                 start = i + len(value)
-                head = self._ids(text[:i].rstrip(" "))
-                upto = self._ids(text[:start])
-                a, b = len(head), max(len(head) + 1, len(upto))
-                if full[:a] == head and full[:b] == upto:
+                a, b = token_span(self._ids, text, i, start)
+                if full[:a] == self._ids(text[:i].rstrip(" ")) and full[:b] == self._ids(text[:start]):
                     found.update(range(a, b))
             out.append(tuple(sorted(found)))
         return tuple(out)
@@ -114,10 +119,10 @@ class EpisodeTokenizer:
 
     def episode(self, ep: Episode, answer: str | None = None, question: str | None = None,
                 replies: tuple[str, ...] | None = None) -> TokenEpisode:
-        replies = replies if replies is not None else ep.acks
-        write_ids = self.run1(ep.tell, replies)
+        text = self._run1_text(ep.tell, replies if replies is not None else ep.acks)
+        write_ids = self._ids(text)
         ids, writes, targets = self.run2(question or ep.probe.question, answer or ep.probe.answer)
-        positions = self.value_positions(ep.tell, replies, tuple(f.value for f in ep.facts))
+        positions = self._value_positions(text, write_ids, tuple(f.value for f in ep.facts))
         asked = ep.facts.index(ep.probe) if question is None and answer is None else -1
         return TokenEpisode(tuple(write_ids), tuple(ids), tuple(writes), tuple(targets), ep.probe.kind,
                             positions, asked)

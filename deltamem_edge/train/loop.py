@@ -132,7 +132,7 @@ def episode_loss(model: DeltaMemModel, batch: Batch, value_weight: float = 1.0,
     and the addressing statistics when those terms are on).
     """
     B = batch.write_ids.shape[0]
-    addressing = state is None and (addressing_weight > 0 or key_weight > 0) and batch.value_of is not None
+    addressing = state is None and (addressing_weight > 0 or key_weight > 0)
     trace1: list | None = [] if addressing else None
     trace2: list | None = [] if addressing else None
     if state is None:
