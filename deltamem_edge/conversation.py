@@ -22,16 +22,19 @@ deliberate differences (docs/embedding.md lists them):
 
 Every token that enters the KV cache with writes on is written exactly once, in
 order, at the moment it enters.  The state is saved atomically after every turn.
+
+This module holds ``Conversation``: its memory file and the turn loop (``say``,
+``score_reply``, the save after each turn).  The chat template is ``chat_template.py``'s;
+what the KV cache holds (feeding, eviction, undo, ``recall``, ``set_context``) is
+``context_window.py``'s, a base class of ``Conversation``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,17 +42,17 @@ import numpy as np
 
 from . import statefile
 from .args import check_bool, check_int
+from .chat_template import CHATML, ChatTemplate, Message
+from .context_window import ContextWindow, Progress
 from .engine import Engine
 from .errors import ArgumentError, EngineError
 from .fingerprint import adapter_fingerprint
+from .interrupts import deferred_interrupts
 from .sampling import Sampler, SamplingParams
 
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-Message = dict[str, str]
-Progress = Callable[[int, int], None]
+# Kept importable from here: the server, the recall evaluation and the training code import
+# these names from ``deltamem_edge.conversation``.
+__all__ = ["CHATML", "Conversation", "Message", "Progress", "TurnStats", "deferred_interrupts", "token_logprobs"]
 
 
 @dataclass
@@ -61,76 +64,6 @@ class TurnStats:
     interrupted: bool = False
 
 
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    """Hold Ctrl-C until the block is done, so a decode and its bookkeeping stay together."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[object] = []
-    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
-
-
-class _Template:
-    """The model's Jinja chat template, rendered like llama-cpp-python does."""
-
-    def __init__(self, engine: Engine) -> None:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        source = engine.meta("tokenizer.chat_template")
-        self.is_default = source is None
-        source = source or CHATML
-
-        def tok_text(key: str) -> str:
-            value = engine.meta(key)
-            return engine.detokenize([int(value)], special=True) if value not in (None, "") else ""
-
-        bos, eos = tok_text("tokenizer.ggml.bos_token_id"), tok_text("tokenizer.ggml.eos_token_id")
-        self._gen = Jinja2ChatFormatter(source, eos, bos, add_generation_prompt=True)
-        self._plain = Jinja2ChatFormatter(source, eos, bos, add_generation_prompt=False)
-
-    def render(self, messages: list[Message], *, generation_prompt: bool) -> str:
-        if not messages:
-            return ""
-        fmt = self._gen if generation_prompt else self._plain
-        return fmt(messages=messages).prompt
-
-    def default_system(self) -> str | None:
-        """The system prompt the template inserts by itself when none is given (SmolLM2 does).
-
-        Found by rendering a conversation with and without a marker system message.  We make it
-        an explicit system message so that it is written into memory once, not once per run, and
-        so that evicting old turns never cuts it.
-        """
-        marker = "\x00"
-        user = {"role": "user", "content": "a"}
-        try:
-            bare = self.render([user], generation_prompt=False)
-            marked = self.render([{"role": "system", "content": marker}, user], generation_prompt=False)
-        except Exception:  # templates that reject a system role
-            return None
-        if marker not in marked:
-            return None
-        before, after = marked.split(marker, 1)
-        if bare.startswith(before) and bare.endswith(after) and len(bare) > len(before) + len(after):
-            return bare[len(before):len(bare) - len(after)]
-        return None
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def token_logprobs(logits: np.ndarray, ids: list[int]) -> np.ndarray:
     """log p(ids[i]) under logits row i, float64, by a max-shifted (stable) log-softmax."""
     x = np.asarray(logits, dtype=np.float64)
@@ -139,23 +72,13 @@ def token_logprobs(logits: np.ndarray, ids: list[int]) -> np.ndarray:
     return x[np.arange(len(ids)), np.asarray(ids, dtype=np.int64)] - log_z
 
 
-@dataclass(frozen=True)
-class _Checkpoint:
-    """A conversation's cache and memory at one moment (see ``Conversation._rollback``)."""
-
-    kv: list[int]
-    written: int
-    state: np.ndarray | None
-    spans: list[tuple[int, int]]
-    rendered: str | None
-
-
-class Conversation:
+class Conversation(ContextWindow):
     """A chat whose memory is a δ-mem state file.
 
     ``say(text)`` returns the reply; ``say(text, stream=True)`` yields text pieces as
     they are generated.  One Conversation per thread; several Conversations can share
-    one Engine (``n_seq_max`` sessions).
+    one Engine (``n_seq_max`` sessions).  What the KV cache holds (``recall``,
+    ``set_context``, eviction, undo) is kept by ``ContextWindow`` (context_window.py).
     """
 
     def __init__(
@@ -201,7 +124,7 @@ class Conversation:
         self.turns = 0
         self._tokens_before = 0  # tokens written by earlier runs (from the memory file)
         self._created_us = statefile.now_us()
-        self._template = _Template(engine)
+        self._template = ChatTemplate(engine)
         self._sampler = Sampler(sampling or SamplingParams(), engine.n_vocab)
         self._file: statefile.MemoryFile | None = None
         self._closed = False
@@ -285,222 +208,6 @@ class Conversation:
         self._file.save(self._memory_state())
         return self._file.path
 
-    # -- feeding ---------------------------------------------------------------------------
-
-    def _feed(self, ids: list[int], write: bool, progress: Progress | None = None,
-              message_ids: list[int] | None = None) -> np.ndarray | None:
-        """Feed ids in chunks (for progress), keeping the cache bookkeeping in step.
-
-        With message ids (SSW adapters) the ids are one upstream call: fed in one piece.
-        """
-        if message_ids is not None:
-            with deferred_interrupts():
-                logits = self.session.feed(ids, write=write, logits="last", message_ids=message_ids)
-                self._kv.extend(ids)
-            return logits
-        logits = None
-        step = self.engine.n_batch * 4 if progress else len(ids)
-        for start in range(0, len(ids), max(step, 1)):
-            chunk = ids[start:start + step]
-            with deferred_interrupts():
-                logits = self.session.feed(chunk, write=write, logits="last")
-                self._kv.extend(chunk)
-            if progress:
-                progress(start + len(chunk), len(ids))
-        return logits
-
-    def _tokenize(self, text: str) -> list[int]:
-        # template output already carries its special tokens (BOS included when the template wants it)
-        return self.engine.tokenize(text, add_special=False, parse_special=True)
-
-    def _start_with_system(self, message: Message) -> None:
-        text = self._template.render([message], generation_prompt=False)
-        ids = self._tokenize(text)
-        # written into a fresh memory once (an SSW adapter never writes it: upstream gives it id -1)
-        write = self.tokens_written == 0 and not self.readonly and not self._segments
-        self._feed(ids, write=write)
-        self.messages.append(message)
-        self._preamble = len(self._kv)
-        self._rendered = text
-
-    def _generation_prompt(self, messages: list[Message]) -> str:
-        """The text the template adds for the assistant's turn (SSW gives it id -1, like upstream)."""
-        with_prompt = self._template.render(messages, generation_prompt=True)
-        without = self._template.render(messages, generation_prompt=False)
-        return with_prompt[len(without):] if with_prompt.startswith(without) else ""
-
-    def _evict_oldest(self) -> bool:
-        """Drop the oldest evictable block of messages from the cache (the state keeps them)."""
-        if not self._spans:
-            return False
-        n, n_messages = self._spans.pop(0)
-        first = 1 if self._preamble else 0  # the system message stays
-        p0 = self._preamble
-        with deferred_interrupts():
-            if n:
-                self.session.forget(p0, p0 + n)
-            del self._kv[p0:p0 + n]
-            del self.messages[first:first + n_messages]
-        self._rendered = None  # the template may render the shortened history differently
-        return True
-
-    def _unspanned(self) -> int:
-        """Cache tokens after the preamble that belong to no evictable block yet."""
-        return len(self._kv) - self._preamble - sum(n for n, _ in self._spans)
-
-    def _make_room(self, needed: int) -> None:
-        """Evict old messages until `needed` more tokens fit."""
-        while self.session.n_past + needed > self.n_ctx:
-            if not self._evict_oldest():
-                raise EngineError(f"{needed} tokens do not fit the context of {self.n_ctx}",
-                                  hint="use a larger --ctx-size")
-
-    def _prompt_ids(self, messages: list[Message], progress: Progress | None = None) -> list[int]:
-        """The ids to write so that the cache holds `messages` + the generation prompt.
-
-        Fast path: the template text already in the cache is a prefix of the new rendering,
-        so only the added text is tokenized (the sampled ids in the cache stay as they are).
-        Otherwise the history is re-rendered, the cache is cut where its tokens stop matching,
-        and the re-rendered old messages are fed back READ-ONLY here (they are in memory
-        already); only the new message is returned for writing.
-        """
-        text = self._template.render(messages, generation_prompt=True)
-        if self._rendered is not None and text.startswith(self._rendered):
-            return self._tokenize(text[len(self._rendered):])
-        old_ids = self._tokenize(self._template.render(messages[:-1], generation_prompt=False))
-        new_ids = self._tokenize(text)
-        boundary = _common_prefix(old_ids, new_ids)
-        keep = min(_common_prefix(self._kv, new_ids), boundary)
-        with deferred_interrupts():
-            self.session.truncate(keep)
-            del self._kv[keep:]
-        self._feed(new_ids[keep:boundary], write=False, progress=progress)
-        first = 1 if self._preamble else 0
-        n_old = len(messages) - 1 - first
-        self._spans = [(boundary - self._preamble, n_old)] if n_old > 0 else []
-        self._rendered = self._template.render(messages[:-1], generation_prompt=False)
-        return new_ids[boundary:]
-
-    def _checkpoint(self) -> _Checkpoint:
-        """What a probe or an interrupted prompt must put back: cache tokens, counters, state."""
-        state = self.session.state() if self.engine.adapter is not None else None
-        return _Checkpoint(kv=list(self._kv), written=self.session.tokens_written, state=state,
-                           spans=list(self._spans), rendered=self._rendered)
-
-    def _rollback(self, cp: _Checkpoint) -> None:
-        """Undo everything fed since ``cp``: KV cache, δ-state, tokens-written counter, bookkeeping.
-
-        Why one routine: Ctrl-C during a prompt and ``score_reply`` both need "as if it never
-        happened".  Tokens after ``cp`` are truncated away.  When the slow path of
-        ``_prompt_ids`` replaced older cache tokens by a re-rendering (read-only), the old
-        tokens are fed back read-only, so the cache holds the same ids again (their K/V are
-        recomputed with the current state; the next turn, which takes the same re-rendering
-        path, recomputes them anyway).  Never writes into the δ-state.
-        """
-        with deferred_interrupts():
-            cut = _common_prefix(self._kv, cp.kv)
-            self.session.truncate(cut)
-            del self._kv[cut:]
-            if cp.state is not None:
-                self.session.set_state(cp.state)
-            self.session.tokens_written = cp.written
-            if cut < len(cp.kv):
-                self.session.feed(cp.kv[cut:], write=False, logits="none")
-                self._kv.extend(cp.kv[cut:])
-            self._spans = list(cp.spans)
-            self._rendered = cp.rendered
-
-    def _feed_prompt(self, ids: list[int], progress: Progress | None,
-                     message_ids: list[int] | None = None) -> np.ndarray | None:
-        """Feed a new message; if interrupted (Ctrl-C) undo it completely: cache, state and counter."""
-        cp = self._checkpoint()
-        try:
-            return self._feed(ids, write=not self.readonly, progress=progress, message_ids=message_ids)
-        except KeyboardInterrupt:
-            self._rollback(cp)
-            self.stats.interrupted = True
-            raise
-
-    def _prompt_message_ids(self, user: Message, written_ids: list[int]) -> list[int] | None:
-        """SSW adapters: upstream's message id for the user's tokens, -1 for the generation prompt."""
-        if not self._segments:
-            return None
-        index = sum(1 for m in self.history if m["role"] != "system")  # upstream's message id of this turn
-        gen = len(self._tokenize(self._generation_prompt(self.messages + [user])))
-        return [index] * (len(written_ids) - gen) + [-1] * gen
-
-    def recall(self, n_turns: int, progress: Progress | None = None) -> int:
-        """Replay the last `n_turns` user turns of the transcript into the context, writes off."""
-        n_turns = check_int("n_turns", n_turns, low=0)
-        recalled = statefile.trim_transcript(self.history, n_turns) if n_turns > 0 else []
-        if not recalled:
-            return 0
-        messages = self.messages + recalled
-        text = self._template.render(messages, generation_prompt=False)
-        ids = self._tokenize(text)
-        self._make_room(max(0, len(ids) - len(self._kv)) + 8)
-        keep = _common_prefix(self._kv, ids)
-        self.session.truncate(keep)
-        del self._kv[keep:]
-        self._feed(ids[keep:], write=False, progress=progress)
-        self._spans.append((self._unspanned(), len(recalled)))
-        self.messages = messages
-        self._rendered = text
-        return len(recalled)
-
-    def set_context(self, messages: list[Message], *, write: bool = False, room: int = 0) -> int:
-        """Make the KV cache hold exactly ``messages``: an app's view of the conversation so far.
-
-        Why: an HTTP client resends the whole history with every request.  The server shows it to
-        the model without writing it again (``write=False``: it is in the memory already, or it was
-        never ours); a stateless request passes ``write=True``.  Nothing is fed when the cache
-        already holds these messages (the sampled ids of earlier replies stay as they are);
-        otherwise the longest token prefix in the cache is kept and the rest is fed.  A default
-        system prompt the template would insert by itself becomes an explicit first message (as in
-        the constructor).  The oldest non-system messages are left out until the rendering plus
-        ``room`` tokens fit.  Returns how many messages were left out.
-        """
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-        default = self._template.default_system()
-        if default and (not msgs or msgs[0]["role"] != "system"):
-            msgs.insert(0, {"role": "system", "content": default})
-        if msgs == self.messages and self._rendered is not None:
-            return 0
-        first = 1 if msgs and msgs[0]["role"] == "system" else 0
-        dropped = 0
-        while True:
-            text = self._template.render(msgs, generation_prompt=False)
-            ids = self._tokenize(text)
-            if len(ids) + room <= self.n_ctx:
-                break
-            if len(msgs) <= first:
-                raise EngineError(f"the system prompt ({len(ids)} tokens) does not fit the context of {self.n_ctx}",
-                                  hint="use a larger --ctx-size or a shorter system prompt")
-            del msgs[first]
-            dropped += 1
-        keep = _common_prefix(self._kv, ids)
-        with deferred_interrupts():
-            self.session.truncate(keep)
-            del self._kv[keep:]
-        self._feed(ids[keep:], write=write and not self.readonly)
-        preamble = 0
-        if first:
-            pre = self._tokenize(self._template.render(msgs[:1], generation_prompt=False))
-            preamble = len(pre) if ids[:len(pre)] == pre else 0
-        self.messages = msgs
-        self._preamble = preamble
-        rest = len(msgs) - (1 if preamble else 0)
-        self._spans = [(len(ids) - preamble, rest)] if rest > 0 else []
-        self._rendered = text
-        return dropped
-
-    def set_sampling(self, params: SamplingParams) -> None:
-        """Sample the next replies with ``params`` (a server sets them per request)."""
-        if not isinstance(params, SamplingParams):
-            raise ArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
-        self._sampler.close()
-        self._sampler = Sampler(params, self.engine.n_vocab)
-
     # -- a turn ----------------------------------------------------------------------------
 
     def say(self, text: str, *, stream: bool = False, progress: Progress | None = None) -> str | Iterator[str]:
@@ -517,20 +224,20 @@ class Conversation:
         user = {"role": "user", "content": text}
         reserve = min(self.max_new_tokens, self.n_ctx // 2) + 16
         while True:
-            written_ids = self._prompt_ids(self.messages + [user], progress)
+            written_ids, prompt_text = self._prompt_ids(self.messages + [user], progress)
             if self.session.n_past + len(written_ids) + reserve <= self.n_ctx:
                 break
             if not self._evict_oldest():
                 raise EngineError(f"this turn ({len(written_ids)} tokens) does not fit the context of {self.n_ctx}",
                                   hint="use a larger --ctx-size, a smaller --predict, or a shorter message")
         self.stats = TurnStats(prompt_tokens=len(written_ids))
-        message_ids = self._prompt_message_ids(user, written_ids)
+        message_ids = self._prompt_message_ids(user, written_ids, prompt_text)
         t0 = time.perf_counter()
         logits = self._feed_prompt(written_ids, progress, message_ids)
         self.stats.prefill_s = time.perf_counter() - t0
         self.messages.append(user)
         self.history.append(user)
-        self._rendered = self._template.render(self.messages, generation_prompt=True)
+        self._rendered = prompt_text  # the rendering the fed ids were cut from: now the cache's text
 
         generated: list[int] = []
         decoder = _Utf8Stream(eng)
@@ -562,6 +269,28 @@ class Conversation:
             self.stats.generated_tokens = len(generated)
             self._finish_reply(generated)
 
+    def _feed_prompt(self, ids: list[int], progress: Progress | None,
+                     message_ids: list[int] | None = None) -> np.ndarray | None:
+        """Feed a new message; if interrupted (Ctrl-C) undo it completely: cache, state and counter."""
+        cp = self._checkpoint()
+        try:
+            return self._feed(ids, write=not self.readonly, progress=progress, message_ids=message_ids)
+        except KeyboardInterrupt:
+            self._rollback(cp)
+            self.stats.interrupted = True
+            raise
+
+    def _prompt_message_ids(self, user: Message, written_ids: list[int], prompt_text: str) -> list[int] | None:
+        """SSW adapters: upstream's message id for the user's tokens, -1 for the generation prompt.
+
+        ``prompt_text``: what ``_prompt_ids`` rendered for ``self.messages + [user]``.
+        """
+        if not self._segments:
+            return None
+        index = sum(1 for m in self.history if m["role"] != "system")  # upstream's message id of this turn
+        gen = len(self._tokenize(self._template.generation_prompt(self.messages + [user], rendered=prompt_text)))
+        return [index] * (len(written_ids) - gen) + [-1] * gen
+
     def score_reply(self, text: str, reply: str) -> np.ndarray:
         """Natural-log probability of each token of ``reply`` as the answer to ``text``; changes nothing.
 
@@ -581,12 +310,13 @@ class Conversation:
         write = not self.readonly
         cp = self._checkpoint()
         try:
-            prompt_ids = self._prompt_ids(self.messages + [user])
+            prompt_ids, prompt_text = self._prompt_ids(self.messages + [user])
             if self.session.n_past + len(prompt_ids) + len(reply_ids) > self.n_ctx:
                 raise EngineError(f"this probe ({len(prompt_ids)} + {len(reply_ids)} tokens) does not fit the "
                                   f"context of {self.n_ctx} next to {self.session.n_past} tokens",
                                   hint="use a larger n_ctx or a shorter conversation (a probe never evicts)")
-            logits = self._feed(prompt_ids, write=write, message_ids=self._prompt_message_ids(user, prompt_ids))
+            logits = self._feed(prompt_ids, write=write,
+                                message_ids=self._prompt_message_ids(user, prompt_ids, prompt_text))
             rows = [logits[-1]] if reply_ids else []
             for token in reply_ids[:-1]:  # the last token's successor is not scored, so it is not fed
                 with deferred_interrupts():
@@ -597,19 +327,29 @@ class Conversation:
             self._rollback(cp)
 
     def _finish_reply(self, generated: list[int]) -> None:
-        """Close the assistant message in the cache (the template's tail, written) and save."""
+        """Close the assistant message in the cache (the template's tail, written) and save.
+
+        The cache holds the prompt's rendering (``_rendered``, set by ``_turn``: the history has
+        not changed since, or an eviction set it to None) and the reply's sampled ids, i.e. the
+        text ``_rendered + reply``; it is not rendered again.  If the tail cannot go in (no room
+        even after evicting, or its feed fails), ``_rendered`` is left at that text, so the next
+        turn writes the tail before the new message (a fast path that took the older text for
+        ``_rendered`` would feed the reply again and write it twice).
+        """
         reply = self.engine.detokenize(generated)
         assistant = {"role": "assistant", "content": reply}
-        in_cache = self._template.render(self.messages, generation_prompt=True) + reply
         full = self._template.render(self.messages + [assistant], generation_prompt=False)
-        if self._rendered is not None and full.startswith(in_cache):
+        in_cache = None if self._rendered is None else self._rendered + reply
+        if in_cache is not None and full.startswith(in_cache):
             tail_ids = self._tokenize(full[len(in_cache):])
-            with contextlib.suppress(EngineError):
+            self._rendered = in_cache  # the cache's text until the tail is in (an eviction: None)
+            with contextlib.suppress(EngineError):  # no room for the tail, or its feed failed: left out
                 self._make_room(len(tail_ids) + 1)
                 index = sum(1 for m in self.history if m["role"] != "system")  # the reply's message id
                 mids = [index] * len(tail_ids) if self._segments else None
                 self._feed(tail_ids, write=not self.readonly, message_ids=mids)
-                self._rendered = full
+                if self._rendered is not None:
+                    self._rendered = full
         else:
             self._rendered = None  # the next turn re-renders and matches tokens instead
         self.messages.append(assistant)
@@ -620,6 +360,13 @@ class Conversation:
         self.save()
 
     # -- commands --------------------------------------------------------------------------
+
+    def set_sampling(self, params: SamplingParams) -> None:
+        """Sample the next replies with ``params`` (a server sets them per request)."""
+        if not isinstance(params, SamplingParams):
+            raise ArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
+        self._sampler.close()
+        self._sampler = Sampler(params, self.engine.n_vocab)
 
     def reset_memory(self) -> None:
         """Forget everything: zero state, empty context and transcript, counters to 0 (and save)."""

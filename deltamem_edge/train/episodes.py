@@ -3,7 +3,7 @@
 Why this module exists: what is measured through the runtime is only what was
 trained if the tokens, and what is written and what is read, are the same.  The
 layout is taken from the runtime itself (the model's own chat template through
-``conversation._Template``, the engine's tokenizer), not re-implemented:
+``chat_template.ChatTemplate``, the engine's tokenizer), not re-implemented:
 
 * **run 1** (fresh memory): the system prompt, then each told message with its
   reply and the template's closing tail: every token written (writes on).
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..conversation import _Template
+from ..chat_template import ChatTemplate
 from ..engine import Engine
 from ..recall.facts import Episode
 
@@ -53,7 +53,7 @@ class EpisodeTokenizer:
 
     def __init__(self, engine: Engine, system: str | None = None) -> None:
         self.engine = engine
-        self.template = _Template(engine)
+        self.template = ChatTemplate(engine)
         default = self.template.default_system()
         self.system = system if system is not None else default
         self._system_msgs = [{"role": "system", "content": self.system}] if self.system else []
