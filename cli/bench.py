@@ -39,7 +39,7 @@ def bench(
 ) -> None:
     """Measure stock llama.cpp (a), patched (b), δ-mem writes on (c) and off (d) side by side."""
     from deltamem_edge import bench as B
-    from deltamem_edge.bench_models import MODEL_CHOICES
+    from deltamem_edge.bench.models import MODEL_CHOICES
 
     if rebuild_doc:
         out_dir = out or B.REPO_ROOT / "docs" / "bench"

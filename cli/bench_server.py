@@ -30,7 +30,7 @@ def bench_server(
                       "else to OUT/benchmarks.md).")] = None,
 ) -> None:
     """Aggregate decode tokens/s, requests/s and time to first token of `serve` at several concurrencies."""
-    from deltamem_edge import bench_server as BS
+    from deltamem_edge.bench import server as BS
 
     try:
         counts = tuple(int(x) for x in users.split(",") if x.strip())
@@ -42,7 +42,7 @@ def bench_server(
     if not chosen:
         raise typer.BadParameter(f"--variants takes a comma list of {', '.join(BS.VARIANTS)}")
     if model == "smollm2":
-        from deltamem_edge.bench_models import smollm2_model
+        from deltamem_edge.bench.models import smollm2_model
 
         bm = smollm2_model()
         model_path, adapter_path, label = bm.path, bm.adapter, bm.label

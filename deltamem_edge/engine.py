@@ -27,6 +27,7 @@ import ctypes
 import hashlib
 import os
 import threading
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,11 @@ class Engine:
     ``adapter_path=None`` uses δ-mem tensors bundled in the model file; pass
     ``adapter_path=False`` for the vanilla model.  ``n_seq_max`` is the number of
     sessions (conversations) that can live in the context at once.
+
+    ``exact=True`` is the one switch for exact numerics (parity tests, ``verify``): an
+    f32 KV cache *and* flash attention off.  Either alone is not enough: with flash
+    attention on, the engine differs from an f32 reference by ~1e-2 on the logits even
+    without δ-mem, against ~1e-5 with it off.  ``f32_kv`` alone only sets the cache type.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class Engine:
         f32_kv: bool = False,
         flash_attn: bool | None = None,
         kv_unified: bool = True,
+        exact: bool = False,
     ) -> None:
         self._lock = threading.RLock()
         self._step_batch = None  # llama_batch of n_seq_max one-token slots, made on the first batched step
@@ -116,6 +123,11 @@ class Engine:
         f32_kv = check_bool("f32_kv", f32_kv)
         kv_unified = check_bool("kv_unified", kv_unified)
         flash_attn = None if flash_attn is None else check_bool("flash_attn", flash_attn)
+        self.exact = check_bool("exact", exact)
+        if self.exact:
+            if flash_attn:
+                raise ArgumentError("exact=True needs flash attention off: leave flash_attn unset or pass False")
+            f32_kv, flash_attn = True, False
 
         mparams = llama_lib.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
@@ -138,7 +150,7 @@ class Engine:
         cparams.kv_unified = kv_unified
         cparams.no_perf = True
         if f32_kv:
-            cparams.type_k = 0  # GGML_TYPE_F32: exact numerics for parity tests
+            cparams.type_k = 0  # GGML_TYPE_F32
             cparams.type_v = 0
         if flash_attn is not None:
             cparams.flash_attn_type = 1 if flash_attn else 0
@@ -266,7 +278,7 @@ class Engine:
                 tok = check_int("token id", tok, low=0, high=self.n_vocab - 1)
                 if sess.n_past + 1 > self.n_ctx_seq:
                     raise EngineError(f"context full: session {sess.seq} holds {sess.n_past} of {self.n_ctx_seq} "
-                                      "positions", hint="drop old tokens with Session.forget() or use a larger n_ctx")
+                                      "positions", hint="drop old tokens with Session.drop_positions() or use a larger n_ctx")
                 items.append((sess, tok))
             if len(items) <= 1 or not self.batches_sessions:
                 return {sess: sess.feed([tok], write=write, logits="last")[0] for sess, tok in items}
@@ -439,7 +451,7 @@ class Session:
                 raise EngineError(f"token ids must be in 0..{eng.n_vocab - 1}")
             if self.n_past + ids.size > eng.n_ctx_seq:
                 raise EngineError(f"context full: {self.n_past} + {ids.size} tokens > {eng.n_ctx_seq} positions",
-                                  hint="drop old tokens with Session.forget() or use a larger n_ctx")
+                                  hint="drop old tokens with Session.drop_positions() or use a larger n_ctx")
             if eng._adapter:
                 dmem.llama_dmem_set_write(eng._ctx, bool(write))
                 if segment_ids is not None:
@@ -493,23 +505,30 @@ class Session:
                               hint="create the Engine with a larger n_batch")
         return mids
 
-    def forget(self, p0: int, p1: int) -> None:
+    def drop_positions(self, p0: int, p1: int) -> None:
         """Drop KV positions [p0, p1) and slide later ones back; the δ-state keeps everything.
 
         Used when the context fills: old turns leave the KV cache but already live in the
-        state.  The δ-state is never touched here.
+        state.  The δ-state is never touched here (so nothing is forgotten: the name
+        ``forget``, kept as a deprecated alias, said otherwise).
         """
         p0, p1 = check_int("p0", p0), check_int("p1", p1)
         eng = self.engine
         with eng._lock:
             self._check()
             if not (0 <= p0 < p1 <= self.n_past):
-                raise EngineError(f"cannot forget positions {p0}..{p1} of {self.n_past}")
+                raise EngineError(f"cannot drop positions {p0}..{p1} of {self.n_past}")
             mem = llama_lib.llama_get_memory(eng._ctx)
             if not llama_lib.llama_memory_seq_rm(mem, self.seq, p0, p1):
                 raise EngineError("this model's memory cannot drop a range of positions")
             llama_lib.llama_memory_seq_add(mem, self.seq, p1, -1, -(p1 - p0))
             self.n_past -= p1 - p0
+
+    def forget(self, p0: int, p1: int) -> None:
+        """Deprecated name of ``drop_positions`` (it drops KV cells only; the memory keeps everything)."""
+        warnings.warn("Session.forget() is now Session.drop_positions(): it drops KV positions only, "
+                      "the δ-state keeps everything", DeprecationWarning, stacklevel=2)
+        self.drop_positions(p0, p1)
 
     def truncate(self, n_keep: int) -> None:
         """Drop KV positions from n_keep on (undo tokens that were fed with write=False)."""

@@ -62,7 +62,7 @@ def verify(model: Path, adapter: Path | None = None, *, n_tokens: int = 256, n_t
     from .reference import RefAdapter, RefModel
 
     model = Path(model)
-    with Engine(model, adapter, n_ctx=n_tokens + 32, n_threads=n_threads, f32_kv=True, flash_attn=False) as eng:
+    with Engine(model, adapter, n_ctx=n_tokens + 32, n_threads=n_threads, exact=True) as eng:
         if eng.adapter is None:
             from .errors import AdapterError
 

@@ -2,7 +2,9 @@
 
 Runs on the GPU machine under its own python3 (3.12, numpy, pytest preinstalled; gguf and
 diskcache from carried wheels; llama-cpp-python's Python package straight from the bundle).
-Standard library + numpy + gguf only; nothing here downloads anything.
+Standard library + numpy + gguf, plus the repository's own pure-Python deltamem_edge modules
+(REPO is put on sys.path: native.build, bench.models, random_gguf; libllama only for the benchmark
+itself); nothing here downloads anything.
 
     python3 scripts/gpu_check.py prepare BUNDLE WORK      unpack llama.cpp + llama_cpp, add our sources/patches
     python3 scripts/gpu_check.py flags                    CMake flags of the product CUDA build (BuildConfig('cuda'))
@@ -13,7 +15,9 @@ The benchmark model is written directly in Q4_K_M's tensor types (Q4_K, Q6_K for
 embedding and for attn_v/ffn_down of llama.cpp's use_more_bits layers, F32 norms) with random
 but well-formed blocks: speed depends only on shapes and types, and this takes seconds where
 f16 generation plus llama_model_quantize of 4 B parameters takes minutes
-(``--gen quantize`` does that instead, through deltamem_edge.bench_models).
+(``--gen quantize`` does that instead, through deltamem_edge.bench.models).  Only the quantized
+bytes are made here; the tensor plan, the header and the adapter come from
+deltamem_edge.random_gguf, the one writer of random models and adapters.
 """
 
 from __future__ import annotations
@@ -126,10 +130,6 @@ def cuda_flags(backend: str = "cuda") -> list[str]:
 # bench: Qwen3-4B-shaped model, Q4_K_M tensor types, random well-formed blocks
 # --------------------------------------------------------------------------------------------
 
-QWEN3_4B = {"n_layer": 36, "n_embd": 2560, "n_head": 32, "n_head_kv": 8, "head_dim": 128, "n_ff": 9728,
-            "n_vocab": 151936}
-
-
 def _use_more_bits(i: int, n: int) -> bool:  # llama-quant.cpp
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
@@ -154,13 +154,15 @@ def _q6k(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     return blk.reshape(rows, -1)
 
 
-def write_qwen3_q4km(path: Path, s: dict, seed: int = 0) -> Path:
-    """A Qwen3 GGUF with Q4_K_M's per-tensor types; one random array per (type, shape), reused by every layer."""
+def write_qwen3_q4km(path: Path, s, seed: int = 0) -> Path:  # noqa: ANN001 - a bench.models.Shape
+    """A Qwen3 GGUF of shape ``s`` (tied) with Q4_K_M's per-tensor types; one random array per (type, shape),
+    reused by every layer.  Tensor plan and header are deltamem_edge.random_gguf's, as for every random model."""
     import gguf
     from gguf import GGMLQuantizationType as QT
 
+    from deltamem_edge import random_gguf as RG
+
     rng = np.random.default_rng(seed)
-    e, q, kv, ff, hd = s["n_embd"], s["n_head"] * s["head_dim"], s["n_head_kv"] * s["head_dim"], s["n_ff"], s["head_dim"]
     cache: dict[tuple, np.ndarray] = {}
 
     def mat(kind: str, rows: int, cols: int) -> tuple[np.ndarray, QT]:
@@ -169,59 +171,29 @@ def write_qwen3_q4km(path: Path, s: dict, seed: int = 0) -> Path:
             cache[key] = (_q6k if kind == "q6" else _q4k)(rows, cols, rng)
         return cache[key], (QT.Q6_K if kind == "q6" else QT.Q4_K)
 
-    def norm(n: int) -> np.ndarray:
-        return (1.0 + 0.05 * rng.standard_normal(n)).astype(np.float32)
+    def kind(name: str) -> str:  # Q6_K: the tied embedding, attn_v/ffn_down of the use_more_bits layers
+        if name == "token_embd.weight":
+            return "q6"
+        more = name.endswith(("attn_v.weight", "ffn_down.weight")) and _use_more_bits(int(name.split(".")[1]), n)
+        return "q6" if more else "q4"
 
-    n = s["n_layer"]
-    plan: list[tuple[str, np.ndarray, QT | None]] = [("token_embd.weight", *mat("q6", s["n_vocab"], e))]
-    for il in range(n):
-        p = f"blk.{il}."
-        more = _use_more_bits(il, n)
-        plan += [
-            (p + "attn_norm.weight", norm(e), None),
-            (p + "attn_q.weight", *mat("q4", q, e)),
-            (p + "attn_k.weight", *mat("q4", kv, e)),
-            (p + "attn_v.weight", *mat("q6" if more else "q4", kv, e)),
-            (p + "attn_q_norm.weight", norm(hd), None),
-            (p + "attn_k_norm.weight", norm(hd), None),
-            (p + "attn_output.weight", *mat("q4", e, q)),
-            (p + "ffn_norm.weight", norm(e), None),
-            (p + "ffn_gate.weight", *mat("q4", ff, e)),
-            (p + "ffn_up.weight", *mat("q4", ff, e)),
-            (p + "ffn_down.weight", *mat("q6" if more else "q4", e, ff)),
-        ]
-    plan.append(("output_norm.weight", norm(e), None))
-
-    wr = gguf.GGUFWriter(path, "qwen3")
-    wr.add_type("model")
-    wr.add_name("gpu-check-random-qwen3-4b-q4km")
-    wr.add_context_length(40960)
-    wr.add_embedding_length(e)
-    wr.add_block_count(n)
-    wr.add_feed_forward_length(ff)
-    wr.add_head_count(s["n_head"])
-    wr.add_head_count_kv(s["n_head_kv"])
-    wr.add_key_length(hd)
-    wr.add_value_length(hd)
-    wr.add_rope_dimension_count(hd)
-    wr.add_rope_freq_base(1e6)
-    wr.add_layer_norm_rms_eps(1e-6)
-    wr.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    wr.add_vocab_size(s["n_vocab"])
-    wr.add_tokenizer_model("no_vocab")
-    for name, arr, raw in plan:
-        wr.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes, raw_dtype=raw)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_ti_data_to_file()
-    for _name, arr, _raw in plan:
-        wr.write_tensor_data(arr)
-    wr.close()
-    return path
+    n = s.n_layer
+    tensors: list[tuple[str, np.ndarray, QT | None]] = []
+    for name, shape, what in RG.model_tensor_plan("qwen3", n_layer=n, n_embd=s.n_embd, n_head=s.n_head,
+                                                  n_head_kv=s.n_head_kv, head_dim=s.head_dim, n_ff=s.n_ff,
+                                                  n_vocab=s.n_vocab, tied=True):
+        if what == "mat":
+            tensors.append((name, *mat(kind(name), *shape)))
+        else:
+            tensors.append((name, (1.0 + 0.05 * rng.standard_normal(shape[0])).astype(np.float32), None))
+    return RG.write_model(path, "qwen3", tensors, name="gpu-check-random-qwen3-4b-q4km",
+                          file_type=gguf.LlamaFileType.MOSTLY_Q4_K_M, n_ctx=40960, n_embd=s.n_embd, n_layer=n,
+                          n_ff=s.n_ff, n_head=s.n_head, n_head_kv=s.n_head_kv, head_dim=s.head_dim, rope_base=1e6,
+                          norm_eps=1e-6, n_vocab=s.n_vocab)
 
 
 def make_models(work: Path, gen: str) -> tuple[Path, Path, dict]:
-    from deltamem_edge import bench_models as BM
+    from deltamem_edge.bench import models as BM
 
     d = work / "bench"
     d.mkdir(parents=True, exist_ok=True)
@@ -231,7 +203,7 @@ def make_models(work: Path, gen: str) -> tuple[Path, Path, dict]:
         m = BM.synthetic_model("qwen3-4b", BM.SHAPES["qwen3-4b"], lib, threads=os.cpu_count() or 16, cache=d)
         model, adapter = m.path, m.adapter
     else:
-        model = write_qwen3_q4km(d / "qwen3-4b-shape.q4km-direct.gguf", QWEN3_4B)
+        model = write_qwen3_q4km(d / "qwen3-4b-shape.q4km-direct.gguf", BM.SHAPES["qwen3-4b"])
         adapter = BM.write_random_adapter(d / "qwen3-4b-shape.dmem-r8-qo.gguf", model)
     info = {"gen": gen, "gen_seconds": round(time.time() - t0, 1), "model_gib": round(model.stat().st_size / 2**30, 2)}
     _say(f"benchmark model {model.name}: {info['model_gib']} GiB, made in {info['gen_seconds']} s ({gen})")

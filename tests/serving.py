@@ -58,13 +58,13 @@ def serve(files: dict[str, Path], memdir: Path, *extra: str) -> Iterator[Server]
 
 @contextmanager
 def serve_batched(files: dict[str, Path], memdir: Path, *extra: str, parallel: int = 4) -> Iterator[Server]:
-    """The same app with its KV cache split per user, so users share decode steps (``bench_server serve``).
+    """The same app with its KV cache split per user, so users share decode steps (``bench.server serve``).
 
     Why not the CLI: this entry (the benchmark's) builds the same app, pool and uvicorn settings as
     ``deltamem-edge serve`` but also runs a model without an adapter, for the baseline.
     Greedy by default, 512 tokens per user.
     """
-    args = [sys.executable, "-m", "deltamem_edge.bench_server", "serve", "--model", str(files["model"]),
+    args = [sys.executable, "-m", "deltamem_edge.bench.server", "serve", "--model", str(files["model"]),
             "--adapter", str(files["adapter"]), "--memory-dir", str(memdir), "--parallel", str(parallel),
             "--ctx-size", str(512 * parallel), "--threads", "1", *extra]
     with _run(args, memdir) as srv:

@@ -97,7 +97,7 @@ def eng(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("types")
     model = write_tiny_model(d / "qwen3.gguf", "qwen3", chat_tokenizer=True)
     adapter = write_random_adapter(d / "qwen3.dmem.gguf", model, rank=4, state_heads=2, seed=3)
-    with Engine(model, adapter, n_ctx=128, f32_kv=True, flash_attn=False) as e:
+    with Engine(model, adapter, n_ctx=128, exact=True) as e:
         yield e
 
 
@@ -144,7 +144,9 @@ def test_feed_refuses_coercible_ids_and_flags_and_changes_nothing(eng: Engine) -
             with pytest.raises(ArgumentError, match="message ids"):
                 s.feed(IDS[:2], message_ids=mids)
         with pytest.raises(ArgumentError, match="p0 must be an int"):
-            s.forget(0.0, 2)
+            s.drop_positions(0.0, 2)
+        with pytest.warns(DeprecationWarning, match="drop_positions"), pytest.raises(ArgumentError, match="p0 must"):
+            s.forget(0.0, 2)  # the old name still works, and says what it does
         with pytest.raises(ArgumentError, match="n_keep must be an int"):
             s.truncate(1.5)
         assert s.n_past == n_past
@@ -154,7 +156,8 @@ def test_feed_refuses_coercible_ids_and_flags_and_changes_nothing(eng: Engine) -
 
 
 def test_engine_sizes_are_checked_before_loading(tmp_path: Path, eng: Engine) -> None:
-    for kw in ({"n_ctx": 512.0}, {"n_ctx": 2**32}, {"n_batch": 0}, {"n_gpu_layers": "all"}, {"f32_kv": 1}):
+    for kw in ({"n_ctx": 512.0}, {"n_ctx": 2**32}, {"n_batch": 0}, {"n_gpu_layers": "all"}, {"f32_kv": 1},
+               {"exact": 1}, {"exact": True, "flash_attn": True}):
         with pytest.raises(ArgumentError):
             Engine(eng.model_path, False, **kw)
 

@@ -11,11 +11,11 @@ session.  On a unified engine nothing is batched and nothing waits.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import pytest
-from ggufs import write_random_adapter, write_tiny_model
+from engines import count_decodes
 
 from deltamem_edge import Engine
 from deltamem_edge.conversation import Conversation
@@ -27,35 +27,17 @@ PROMPTS = ("Hello, I am Ada.", "What is the weather like?", "Tell me about bees 
 MAX_NEW = 24
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("batching")
-    model = write_tiny_model(d / "tiny-chat.gguf", "qwen3", chat_tokenizer=True, seed=28)  # long greedy replies
-    return {"model": model, "adapter": write_random_adapter(d / "tiny.dmem.gguf", model, rank=4, seed=29)}
+# ``talkative_files`` (tests/conftest.py): a tiny chat model and adapter with long greedy replies
 
 
-def make_engine(files: dict[str, Path], *, unified: bool) -> Engine:
+def make_engine(files: Mapping[str, Path], *, unified: bool) -> Engine:
     return Engine(files["model"], files["adapter"], n_ctx=1024, n_threads=1, n_seq_max=4, kv_unified=unified,
-                  f32_kv=True, flash_attn=False)
+                  exact=True)
 
 
 def talk(engine: Engine, memory: Path, prompt: str) -> str:
     with Conversation(engine, memory, system="", max_new_tokens=MAX_NEW, sampling=SamplingParams(temp=0.0)) as c:
         return c.say(prompt)
-
-
-def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    from deltamem_edge import engine as engine_module
-
-    calls: list[int] = []
-    real = engine_module.llama_lib.llama_decode
-
-    def counting(ctx, batch):
-        calls.append(batch.n_tokens)
-        return real(ctx, batch)
-
-    monkeypatch.setattr(engine_module.llama_lib, "llama_decode", counting)
-    return calls
 
 
 def run_together(engine: Engine, memdir: Path) -> dict[str, str]:
@@ -79,11 +61,11 @@ def run_together(engine: Engine, memdir: Path) -> dict[str, str]:
     return replies
 
 
-def test_concurrent_conversations_share_steps_and_reply_as_alone(files, tmp_path, monkeypatch):
+def test_concurrent_conversations_share_steps_and_reply_as_alone(talkative_files, tmp_path, monkeypatch):
     alone_dir, together_dir = tmp_path / "alone", tmp_path / "together"
     alone_dir.mkdir()
     together_dir.mkdir()
-    with make_engine(files, unified=False) as eng:
+    with make_engine(talkative_files, unified=False) as eng:
         alone = {p: talk(eng, alone_dir / f"u{i}.state", p) for i, p in enumerate(PROMPTS)}
         assert eng.batcher.steps == eng.batcher.tokens > 0  # one conversation at a time: one session per step
         eng.batcher.steps = eng.batcher.tokens = 0
@@ -102,8 +84,8 @@ def test_concurrent_conversations_share_steps_and_reply_as_alone(files, tmp_path
     assert len(shared) >= MAX_NEW // 2, calls
 
 
-def test_a_session_that_never_feeds_holds_the_others_only_briefly(files, tmp_path):
-    with make_engine(files, unified=False) as eng:
+def test_a_session_that_never_feeds_holds_the_others_only_briefly(talkative_files, tmp_path):
+    with make_engine(talkative_files, unified=False) as eng:
         expected = talk(eng, tmp_path / "a.state", PROMPTS[0])
         eng.batcher.max_wait_s = 0.005
         with eng.batcher.generating():  # a "user" that registered and then went silent
@@ -133,8 +115,8 @@ def test_a_session_that_never_feeds_holds_the_others_only_briefly(files, tmp_pat
         assert isinstance(outcome["good"], np.ndarray) and good.n_past == 4
 
 
-def test_unified_engine_does_not_batch_or_wait(files, tmp_path):
-    with make_engine(files, unified=True) as eng:
+def test_unified_engine_does_not_batch_or_wait(talkative_files, tmp_path):
+    with make_engine(talkative_files, unified=True) as eng:
         assert not eng.batches_sessions
         replies = run_together(eng, tmp_path)
         assert eng.batcher.steps == 0 and len(replies) == len(PROMPTS)

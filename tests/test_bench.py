@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from deltamem_edge import bench as B
-from deltamem_edge import bench_models as BM
+from deltamem_edge.bench import models as BM
 from deltamem_edge.native import build as native
+from deltamem_edge.random_gguf import base_shapes
 
 TINY = BM.Shape(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512, n_vocab=512)
 
@@ -162,9 +163,16 @@ def test_plot_writes_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     w, h = struct.unpack(">II", data[16:24])
     assert (w, h) == (960, 600)
-    # the IDAT decompresses to h rows of 1 + 3w bytes
-    idat_len = struct.unpack(">I", data[33:37])[0]
-    assert len(zlib.decompress(data[41:41 + idat_len])) == h * (1 + 3 * w)
+    # the IDAT chunks decompress to h rows of 1 + (3 or 4)w bytes (8-bit RGB or RGBA; matplotlib writes RGBA
+    # and may put text chunks before the image data or split it over several IDATs)
+    assert data[24] == 8 and data[25] in (2, 6)
+    idat, pos = b"", 8
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            idat += data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    assert len(zlib.decompress(idat)) == h * (1 + (3 if data[25] == 2 else 4) * w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +183,7 @@ def test_plot_writes_a_png(tmp_path):
 def test_synthetic_model_files(tiny):
     assert tiny.path.is_file() and tiny.adapter.is_file()
     assert not list(tiny.path.parent.glob("*.f16*")), "the f16 intermediate must be deleted"
-    d = BM.base_dims(tiny.path)
+    d = base_shapes(tiny.path)
     assert (d["n_layer"], d["n_embd"], d["n_head"], d["n_head_kv"], d["head_dim"], d["n_ff"]) == (2, 256, 4, 2, 64, 512)
     again = BM.synthetic_model("tiny", TINY, _lib(False), cache=tiny.path.parent)  # cached: same files
     assert again.path == tiny.path and again.path.stat().st_mtime == tiny.path.stat().st_mtime
@@ -257,6 +265,7 @@ def test_run_end_to_end_tiny(tiny, libs, tmp_path):
 def test_rebuild_doc_from_json(tmp_path):
     for i, commit in enumerate(("aaaaaaa", "bbbbbbb")):
         (tmp_path / f"2026112{i}-{commit}-quick.json").write_text(json.dumps(_fake_result(commit)))
+    (tmp_path / "server-20261122-ccccccc.json").write_text(json.dumps({"variants": {}}))  # bench-server's own
     doc = tmp_path / "benchmarks.md"
     assert B.rebuild_doc(doc, tmp_path) == 2
     assert B.rebuild_doc(doc, tmp_path) == 2  # idempotent: history is re-rendered, not appended twice

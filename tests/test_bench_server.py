@@ -15,25 +15,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from ggufs import write_random_adapter, write_tiny_model
 
-from deltamem_edge import bench_server as BS
+from deltamem_edge.bench import server as BS
 
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("bench-server")
-    model = write_tiny_model(d / "tiny-chat.gguf", "qwen3", chat_tokenizer=True, seed=11)
-    return {"model": model, "adapter": write_random_adapter(d / "tiny.dmem.gguf", model, rank=4, seed=12)}
+# ``chat_files`` (tests/conftest.py): the tiny chat model and adapter the server tests serve
 
 
-def test_bench_server_runs_end_to_end(files, tmp_path):
+def test_bench_server_runs_end_to_end(chat_files, tmp_path):
     out = tmp_path / "out"
     doc = out / "benchmarks.md"
     out.mkdir()
     doc.write_text("# Benchmarks\n\nWritten by hand, kept.\n")
-    cmd = [sys.executable, "-m", "deltamem_edge", "bench-server", "-m", str(files["model"]), "-a",
-           str(files["adapter"]), "--users", "1,2", "-r", "2", "--max-tokens", "6", "-n", "1", "-t", "1",
+    cmd = [sys.executable, "-m", "deltamem_edge", "bench-server", "-m", str(chat_files["model"]), "-a",
+           str(chat_files["adapter"]), "--users", "1,2", "-r", "2", "--max-tokens", "6", "-n", "1", "-t", "1",
            "--ctx-per-user", "256", "--out", str(out)]
     for _ in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engines import kv_positions
 from ggufs import write_random_adapter
 
 from deltamem_edge import Engine
-from deltamem_edge._bindings import llama_lib
 from deltamem_edge.conversation import Conversation
-from deltamem_edge.defaults import default_model_path
 from deltamem_edge.errors import StateLockedError, StateMismatchError
 from deltamem_edge.sampling import SamplingParams
 from deltamem_edge.statefile import read_state_file
@@ -26,20 +25,13 @@ GREEDY = SamplingParams(temp=0.0)
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def smol(smol_model: Path, smol_random_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("smol")
-    model = default_model_path()
     return {
-        "model": model,
-        "adapter": write_random_adapter(d / "a.dmem.gguf", model, rank=8, seed=4),
-        "other": write_random_adapter(d / "b.dmem.gguf", model, rank=8, seed=5),
+        "model": smol_model,
+        "adapter": smol_random_adapter,
+        "other": write_random_adapter(d / "b.dmem.gguf", smol_model, rank=8, seed=5),
     }
-
-
-def kv_positions(conv: Conversation) -> int:
-    """Tokens in the sequence's KV cache, asked of llama.cpp (not of our counters)."""
-    mem = llama_lib.llama_get_memory(conv.engine._ctx)
-    return llama_lib.llama_memory_seq_pos_max(mem, conv.session.seq) + 1
 
 
 def test_memory_across_runs_is_exact_and_counts_every_token(smol, tmp_path):
@@ -133,13 +125,11 @@ def test_interrupted_reply_keeps_the_state_consistent(smol, tmp_path):
         conv.say("Thanks.")  # and the conversation goes on
 
 
-def test_segment_adapter_conversation_sends_upstream_message_ids(smol, tmp_path):
+def test_segment_adapter_conversation_sends_upstream_message_ids(smol, smol_ssw_adapter, tmp_path):
     """SSW (message_mean): the prompt is one call, user tokens carry the message index, the
     generation prompt -1; the reply's tail carries the reply's index; the system prompt is not written."""
-    adapter = write_random_adapter(tmp_path / "ssw.dmem.gguf", smol["model"], rank=8, seed=6,
-                                   write_granularity="message_mean")
     calls: list[tuple[int, bool, list[int] | None]] = []
-    with Engine(smol["model"], adapter, n_ctx=1024, n_threads=2) as eng, \
+    with Engine(smol["model"], smol_ssw_adapter, n_ctx=1024, n_threads=2) as eng, \
             Conversation(eng, tmp_path / "ssw.state", sampling=GREEDY, max_new_tokens=6) as conv:
         assert conv.tokens_written == 0  # the system prompt was fed read-only
         original = conv.session.feed

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ggufs import write_random_adapter
+from engines import kv_positions
 
 from deltamem_edge import Engine
-from deltamem_edge._bindings import llama_lib
 from deltamem_edge.conversation import Conversation
-from deltamem_edge.defaults import default_model_path
 from deltamem_edge.sampling import SamplingParams
 from deltamem_edge.statefile import read_state_file
 
@@ -29,11 +27,8 @@ ANSWER = "Your sister is called Ines."
 
 
 @pytest.fixture(scope="module")
-def eng(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    d = tmp_path_factory.mktemp("probe")
-    model = default_model_path()
-    adapter = write_random_adapter(d / "a.dmem.gguf", model, rank=8, seed=4)
-    with Engine(model, adapter, n_ctx=1024, n_threads=1, n_seq_max=2) as engine:
+def eng(smol_model: Path, smol_random_adapter: Path) -> Engine:
+    with Engine(smol_model, smol_random_adapter, n_ctx=1024, n_threads=1, n_seq_max=2) as engine:
         yield engine
 
 
@@ -44,11 +39,6 @@ def told(eng: Engine, tmp_path: Path) -> Path:
     with Conversation(eng, path, sampling=GREEDY, max_new_tokens=12) as conv:
         conv.say("Hello! My sister is called Ines.")
     return path
-
-
-def kv_positions(conv: Conversation) -> int:
-    mem = llama_lib.llama_get_memory(conv.engine._ctx)
-    return llama_lib.llama_memory_seq_pos_max(mem, conv.session.seq) + 1
 
 
 def snapshot(conv: Conversation) -> dict:
@@ -178,12 +168,9 @@ def test_interrupted_prompt_is_undone_by_the_shared_rollback(eng, told, tmp_path
         np.testing.assert_array_equal(control.session.state(), state)
 
 
-def test_segment_adapter_probe_sends_the_turns_message_ids_and_changes_nothing(tmp_path):
+def test_segment_adapter_probe_sends_the_turns_message_ids_and_changes_nothing(smol_model, smol_ssw_adapter, tmp_path):
     """SSW (message_mean): the probe's prompt goes in as one call with say()'s message ids."""
-    model = default_model_path()
-    adapter = write_random_adapter(tmp_path / "ssw.dmem.gguf", model, rank=8, seed=6,
-                                   write_granularity="message_mean")
-    with Engine(model, adapter, n_ctx=512, n_threads=1, n_seq_max=2) as eng, \
+    with Engine(smol_model, smol_ssw_adapter, n_ctx=512, n_threads=1, n_seq_max=2) as eng, \
             Conversation(eng, tmp_path / "a.state", sampling=GREEDY, max_new_tokens=6) as conv, \
             Conversation(eng, tmp_path / "b.state", sampling=GREEDY, max_new_tokens=6) as control:
         for c in (conv, control):

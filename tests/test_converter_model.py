@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from engines import exact_engine, rel
 from ggufs import write_tiny_model
 
 from deltamem_edge import gguf_schema as S
@@ -136,7 +137,8 @@ def hf_case(request: pytest.FixtureRequest) -> tuple[dict[str, Any], Path]:
 
 
 def _engine(path: Path, adapter: Path | bool | None = False) -> Engine:
-    return Engine(path, adapter, n_ctx=256, n_threads=2, f32_kv=True, flash_attn=False)
+    """tests/engines.py's exact engine (256 positions) on two threads."""
+    return exact_engine(path, adapter, n_threads=2)
 
 
 def _ids(hf: dict[str, Any]) -> list[int]:
@@ -364,10 +366,6 @@ def hf_reference(hf: dict[str, Any], ids: list[int], upstream: dict[str, Any] | 
     return x @ head.T
 
 
-def _rel(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
-
-
 @pytest.mark.parametrize("hf_case,variant", [("qwen3", "qwen3"), ("llama", "llama"), ("qwen3", "qwen3-msw")],
                          indirect=["hf_case"])
 def test_upstream_adapter_end_to_end(hf_case, variant: str, tmp_path: Path, monkeypatch) -> None:
@@ -382,12 +380,12 @@ def test_upstream_adapter_end_to_end(hf_case, variant: str, tmp_path: Path, monk
     ref_base = hf_reference(hf, ids, None)
     assert np.abs(ref_base - hf_logits).max() < 1e-4
     ref = hf_reference(hf, ids, up)
-    assert _rel(ref, ref_base) > 0.05, "the adapter must change the logits, or the comparison proves nothing"
+    assert rel(ref, ref_base) > 0.05, "the adapter must change the logits, or the comparison proves nothing"
 
     adapter = convert_adapter(tmp_path / "upstream", base, tmp_path / "a.dmem.gguf")
     with _engine(base, adapter) as eng:
         got = eng.session().feed(ids)
-    err = _rel(got, ref)
+    err = rel(got, ref)
     print(f"{kind}: engine + converted adapter vs HF-order reference: {err:.2e} relative")
     assert err <= TOL_REL
     source = inspect_gguf(adapter)["deltamem"]["source"]
@@ -400,8 +398,8 @@ def test_upstream_adapter_end_to_end(hf_case, variant: str, tmp_path: Path, monk
         monkeypatch.undo()
         with _engine(base, unpermuted) as eng:
             wrong = eng.session().feed(ids)
-        print(f"llama without the permutation: {_rel(wrong, ref):.2e} relative")
-        assert _rel(wrong, ref) > 100 * TOL_REL
+        print(f"llama without the permutation: {rel(wrong, ref):.2e} relative")
+        assert rel(wrong, ref) > 100 * TOL_REL
 
     # the bundle made through the CLI gives the same logits (same fingerprint: see test_inspect_*)
     bundle = tmp_path / "bundle.gguf"

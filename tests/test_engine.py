@@ -8,10 +8,12 @@ be held to a tight tolerance against the float64 oracle.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
+from engines import close, count_decodes, exact_engine
 from ggufs import (
     write_adapter,
     write_random_adapter,
@@ -19,33 +21,15 @@ from ggufs import (
     write_unnormalized_qk_adapter,
 )
 
-from deltamem_edge import Engine
 from deltamem_edge.errors import AdapterError, EngineError
 from deltamem_edge.reference import RefAdapter, RefModel
 
 RNG_IDS = [int(x) for x in np.random.default_rng(7).integers(0, 256, 24)]
-TOL = 1e-4  # relative to the largest |logit| (or |state|) of the reference
+
+# ``tiny`` (tests/conftest.py): one random model per arch, qwen3, llama, qwen2 and smollm3
 
 
-def close(a: np.ndarray, ref: np.ndarray, tol: float = TOL) -> float:
-    """Max |a - ref| divided by max |ref|; asserts it is within tol."""
-    err = float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-12))
-    assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
-    return err
-
-
-def engine(model: Path, adapter: Path | bool | None, **kw) -> Engine:
-    kw.setdefault("n_ctx", 256)
-    return Engine(model, adapter, f32_kv=True, flash_attn=False, **kw)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("engine")
-    return {arch: write_tiny_model(d / f"{arch}.gguf", arch) for arch in ("qwen3", "llama", "qwen2", "smollm3")}
-
-
-def _adapter(tiny: dict[str, Path], arch: str, tmp_path: Path, **kw) -> Path:
+def _adapter(tiny: Mapping[str, Path], arch: str, tmp_path: Path, **kw) -> Path:
     return write_random_adapter(tmp_path / f"{arch}.dmem.gguf", tiny[arch], **kw)
 
 
@@ -84,7 +68,7 @@ def test_logits_and_state_match_reference(tiny, tmp_path, arch, kw):
     # the adapter must matter, or the comparison below proves nothing
     assert np.abs(ref_logits - base_logits).max() > 0.1 * np.abs(base_logits).max()
 
-    with engine(tiny[arch], adapter) as eng:
+    with exact_engine(tiny[arch], adapter) as eng:
         s = eng.session()
         close(s.feed(RNG_IDS), ref_logits)
         close(s.state(), rs.state())
@@ -97,7 +81,7 @@ def test_unnormalized_memory_qk_matches_reference(tiny, tmp_path):
     ref = RefModel(tiny["qwen3"])
     rs = ref.session(RefAdapter(adapter, ref))
     ref_logits = rs.feed(RNG_IDS)
-    with engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter) as eng:
         s = eng.session()
         close(s.feed(RNG_IDS), ref_logits)
         close(s.state(), rs.state())
@@ -107,7 +91,7 @@ def test_dtype_f16_adapter_matches_reference(tiny, tmp_path):
     adapter = _adapter(tiny, "qwen3", tmp_path, rank=8, dtype="f16", seed=3)
     ref = RefModel(tiny["qwen3"])
     rs = ref.session(RefAdapter(adapter, ref))
-    with engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter) as eng:
         # f16 weights are exact in the reference too; the engine rounds activations to f16 for them
         close(eng.session().feed(RNG_IDS), rs.feed(RNG_IDS), tol=5e-3)
 
@@ -120,7 +104,7 @@ def test_dtype_f16_adapter_matches_reference(tiny, tmp_path):
 def test_chunking_invariance(tiny, tmp_path):
     """One call, token by token, and several ubatches give the same logits and state."""
     adapter = _adapter(tiny, "qwen3", tmp_path, rank=8, state_heads=2)
-    with engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter) as eng:
         s = eng.session()
         whole = s.feed(RNG_IDS)
         whole_state = s.state()
@@ -130,7 +114,7 @@ def test_chunking_invariance(tiny, tmp_path):
         s.reset()
         parts = np.concatenate([s.feed(RNG_IDS[:5]), s.feed(RNG_IDS[5:6]), s.feed(RNG_IDS[6:])])
         parts_state = s.state()
-    with engine(tiny["qwen3"], adapter, n_batch=4) as eng4:  # 24 tokens -> 6 ubatches
+    with exact_engine(tiny["qwen3"], adapter, n_batch=4) as eng4:  # 24 tokens -> 6 ubatches
         s4 = eng4.session()
         ubatched = s4.feed(RNG_IDS)
         ubatched_state = s4.state()
@@ -143,7 +127,7 @@ def test_get_reset_set_continue_equals_uninterrupted(tiny, tmp_path):
     """The δ-state round trip: get, reset it, set it back, go on = never interrupted (bit for bit)."""
     adapter = _adapter(tiny, "llama", tmp_path, rank=4, state_heads=2)
     a, b = RNG_IDS[:10], RNG_IDS[10:]
-    with engine(tiny["llama"], adapter) as eng:
+    with exact_engine(tiny["llama"], adapter) as eng:
         s = eng.session()
         s.feed(a)
         straight = s.feed(b)
@@ -170,7 +154,7 @@ def test_memory_regime_state_without_kv(tiny, tmp_path):
     fresh = ref.session(RefAdapter(adapter, ref))
     fresh.set_state(ref_state)
     ref_b = fresh.feed(b)
-    with engine(tiny["qwen3"], adapter, n_seq_max=2) as eng:
+    with exact_engine(tiny["qwen3"], adapter, n_seq_max=2) as eng:
         old = eng.session()
         old.feed(a)
         saved = old.state()
@@ -190,7 +174,7 @@ def test_read_only_leaves_state_bit_identical(tiny, tmp_path):
     rs = ref.session(RefAdapter(adapter, ref))
     rs.feed(RNG_IDS[:12])
     ref_ro = rs.feed(RNG_IDS[12:], write=False)
-    with engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter) as eng:
         s = eng.session()
         s.feed(RNG_IDS[:12])
         before = s.state()
@@ -204,9 +188,9 @@ def test_read_only_leaves_state_bit_identical(tiny, tmp_path):
 
 def test_first_token_after_reset_equals_base_model(tiny, tmp_path):
     adapter = _adapter(tiny, "qwen3", tmp_path, rank=8, delta_heads="q,k,v,o")
-    with engine(tiny["qwen3"], False) as base:
+    with exact_engine(tiny["qwen3"], False) as base:
         expected = base.session().feed(RNG_IDS[:1])
-    with engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter) as eng:
         s = eng.session()
         s.feed(RNG_IDS)
         s.reset()
@@ -216,9 +200,9 @@ def test_first_token_after_reset_equals_base_model(tiny, tmp_path):
 
 def test_detached_adapter_gives_the_vanilla_model(tiny, tmp_path):
     adapter = _adapter(tiny, "smollm3", tmp_path, rank=4)
-    with engine(tiny["smollm3"], False) as base:
+    with exact_engine(tiny["smollm3"], False) as base:
         expected = base.session().feed(RNG_IDS)
-    with engine(tiny["smollm3"], adapter) as eng:
+    with exact_engine(tiny["smollm3"], adapter) as eng:
         s = eng.session()
         with_memory = s.feed(RNG_IDS)
         assert np.abs(with_memory - expected).max() > 0.1
@@ -232,12 +216,12 @@ def test_detached_adapter_gives_the_vanilla_model(tiny, tmp_path):
 def test_two_sequences_interleaved_equal_each_alone(tiny, tmp_path):
     adapter = _adapter(tiny, "qwen3", tmp_path, rank=4, state_heads=2)
     x, y = RNG_IDS, [int(t) for t in np.random.default_rng(9).integers(0, 256, 24)]
-    with engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter) as eng:
         s = eng.session()
         alone_x, state_x = s.feed(x), s.state()
         s.reset()
         alone_y, state_y = s.feed(y), s.state()
-    with engine(tiny["qwen3"], adapter, n_seq_max=2) as eng2:
+    with exact_engine(tiny["qwen3"], adapter, n_seq_max=2) as eng2:
         sx, sy = eng2.session(), eng2.session()
         assert sx.seq != sy.seq
         out_x, out_y = [], []
@@ -254,12 +238,12 @@ def test_bundle_equals_standalone_adapter(tiny, tmp_path):
     standalone = _adapter(tiny, "qwen3", tmp_path, rank=4, seed=5)
     bundle = write_random_adapter(tmp_path / "a.dmem.gguf", tiny["qwen3"], rank=4, seed=5,
                                   bundle_into=tmp_path / "bundle.gguf")
-    with engine(tiny["qwen3"], standalone) as eng:
+    with exact_engine(tiny["qwen3"], standalone) as eng:
         expected = eng.session().feed(RNG_IDS)
-    with engine(bundle, None) as eng:  # adapter_path=None: the bundled tensors are found
+    with exact_engine(bundle, None) as eng:  # adapter_path=None: the bundled tensors are found
         assert eng.adapter is not None and eng.adapter.bundled
         np.testing.assert_array_equal(eng.session().feed(RNG_IDS), expected)
-    with engine(bundle, False) as eng:  # and the bundle still loads as a plain model
+    with exact_engine(bundle, False) as eng:  # and the bundle still loads as a plain model
         assert eng.adapter is None
 
 
@@ -279,7 +263,7 @@ def test_segment_writes_match_reference(tiny, tmp_path, kw):
     rs = ref.session(RefAdapter(adapter, ref))
     calls = [(RNG_IDS[:16], MSG_IDS), (RNG_IDS[16:20], [4, 4, 5, -1]), (RNG_IDS[20:21], [5]),
              (RNG_IDS[21:24], [-1, -1, -1])]  # the last call has no active token: per-token writes
-    with engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter) as eng:
         s = eng.session()
         for ids, mids in calls:
             close(s.feed(ids, message_ids=mids), rs.feed(ids, message_ids=mids))
@@ -289,7 +273,7 @@ def test_segment_writes_match_reference(tiny, tmp_path, kw):
 def test_segment_reads_use_the_call_start_state(tiny, tmp_path):
     """Inside one SSW call nothing written in that call is visible: logits equal a read-only pass."""
     adapter = _adapter(tiny, "llama", tmp_path, write_granularity="message_mean", seed=22)
-    with engine(tiny["llama"], adapter) as eng:
+    with exact_engine(tiny["llama"], adapter) as eng:
         s = eng.session()
         s.feed(RNG_IDS[:8], message_ids=[0] * 8)
         before = s.state()
@@ -305,7 +289,7 @@ def test_segment_reads_use_the_call_start_state(tiny, tmp_path):
 
 def test_segment_call_must_fit_one_batch(tiny, tmp_path):
     adapter = _adapter(tiny, "qwen3", tmp_path, write_granularity="message_mean")
-    with engine(tiny["qwen3"], adapter, n_batch=8) as eng:
+    with exact_engine(tiny["qwen3"], adapter, n_batch=8) as eng:
         s = eng.session()
         with pytest.raises(EngineError, match="must fit one batch"):
             s.feed(RNG_IDS[:12], message_ids=[0] * 12)
@@ -353,7 +337,7 @@ def test_hand_vector_through_the_engine(tiny, tmp_path):
         "delta_o_proj": rng.normal(0, 0.2, (64, 2)).astype(np.float32),
     }}
     adapter = write_adapter(tmp_path / "hand.dmem.gguf", model, weights, rank=2)
-    with engine(model, adapter) as eng:
+    with exact_engine(model, adapter) as eng:
         s = eng.session()
         for t, expected in zip(tokens, HAND_STATES, strict=True):
             s.feed([t])
@@ -400,7 +384,7 @@ def test_bad_adapters_are_refused_cleanly(tiny, tmp_path):
         garbage: "not a readable GGUF",
         tiny["qwen3"]: "no δ-mem metadata",
     }
-    with engine(tiny["qwen3"], False) as eng:
+    with exact_engine(tiny["qwen3"], False) as eng:
         s = eng.session()
         expected = s.feed(RNG_IDS[:4])
         for path, pattern in cases.items():
@@ -416,7 +400,7 @@ def test_bad_adapters_are_refused_cleanly(tiny, tmp_path):
 
 def test_bad_states_are_refused_and_leave_the_state_alone(tiny, tmp_path):
     adapter = _adapter(tiny, "qwen3", tmp_path, rank=4)
-    with engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter) as eng:
         s = eng.session()
         s.feed(RNG_IDS)
         before = s.state()
@@ -434,7 +418,7 @@ def test_mixed_sequence_batch_is_refused_not_crashed(tiny, tmp_path):
     from deltamem_edge._bindings import llama_lib
 
     adapter = _adapter(tiny, "qwen3", tmp_path, rank=4)
-    with engine(tiny["qwen3"], adapter, n_seq_max=2) as eng:
+    with exact_engine(tiny["qwen3"], adapter, n_seq_max=2) as eng:
         batch = llama_lib.llama_batch_init(4, 0, 1)
         try:
             for i in range(4):
@@ -452,7 +436,7 @@ def test_mixed_sequence_batch_is_refused_not_crashed(tiny, tmp_path):
 
 
 def test_tokenizing_without_a_vocabulary_is_an_error_not_an_abort(tiny):
-    with engine(tiny["qwen3"], False) as eng:
+    with exact_engine(tiny["qwen3"], False) as eng:
         assert not eng.has_tokenizer
         with pytest.raises(EngineError, match="no tokenizer"):
             eng.tokenize("hello")
@@ -461,21 +445,6 @@ def test_tokenizing_without_a_vocabulary_is_an_error_not_an_abort(tiny):
 # ---------------------------------------------------------------------------------------------
 # batched decode across sessions (Engine.step)
 # ---------------------------------------------------------------------------------------------
-
-
-def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the batch size of every llama_decode the engine makes."""
-    from deltamem_edge import engine as engine_module
-
-    calls: list[int] = []
-    real = engine_module.llama_lib.llama_decode
-
-    def counting(ctx, batch):
-        calls.append(batch.n_tokens)
-        return real(ctx, batch)
-
-    monkeypatch.setattr(engine_module.llama_lib, "llama_decode", counting)
-    return calls
 
 
 @pytest.mark.parametrize("arch,kw", [("qwen3", dict(rank=4, state_heads=2, delta_heads="q,k,v,o")),
@@ -500,10 +469,10 @@ def test_batched_step_equals_one_by_one_and_the_reference(tiny, tmp_path, monkey
     base.feed(prompts[0])
     assert np.abs(ref_logits[0][0] - base.feed([plan[0][2][0]])[0]).max() > 0.05
 
-    calls = _count_decodes(monkeypatch)
+    calls = count_decodes(monkeypatch)
     results = {}
     for unified in (False, True):
-        with engine(tiny[arch], adapter, n_seq_max=4, kv_unified=unified) as eng:
+        with exact_engine(tiny[arch], adapter, n_seq_max=4, kv_unified=unified) as eng:
             assert eng.batches_sessions is not unified  # a unified context with an adapter decodes one by one
             ss = [eng.session() for _ in prompts]
             for s, p in zip(ss, prompts, strict=True):
@@ -533,8 +502,8 @@ def test_batched_step_equals_one_by_one_and_the_reference(tiny, tmp_path, monkey
 
 def test_batched_step_refuses_bad_input_and_changes_nothing(tiny, tmp_path):
     adapter = _adapter(tiny, "qwen3", tmp_path, rank=4, seed=22)
-    with engine(tiny["qwen3"], adapter, n_seq_max=3, kv_unified=False) as eng, \
-            engine(tiny["qwen3"], adapter) as other:
+    with exact_engine(tiny["qwen3"], adapter, n_seq_max=3, kv_unified=False) as eng, \
+            exact_engine(tiny["qwen3"], adapter) as other:
         a, b, c = eng.session(), eng.session(), eng.session()
         a.feed(RNG_IDS[:4])
         b.feed(RNG_IDS[:6])
@@ -569,8 +538,8 @@ def test_batched_step_without_adapter_matches_the_reference(tiny, monkeypatch, u
     refs = [ref.session(None) for _ in prompts]
     for rs, p in zip(refs, prompts, strict=True):
         rs.feed(p)
-    calls = _count_decodes(monkeypatch)
-    with engine(tiny["llama"], False, n_seq_max=2, kv_unified=unified) as eng:
+    calls = count_decodes(monkeypatch)
+    with exact_engine(tiny["llama"], False, n_seq_max=2, kv_unified=unified) as eng:
         assert eng.batches_sessions
         ss = [eng.session() for _ in prompts]
         for s, p in zip(ss, prompts, strict=True):

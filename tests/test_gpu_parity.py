@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ggufs import write_random_adapter, write_tiny_model, write_unnormalized_qk_adapter
+from engines import close, exact_engine, rel
+from ggufs import write_random_adapter, write_unnormalized_qk_adapter
 
 from deltamem_edge.reference import RefAdapter, RefModel
 
@@ -54,16 +55,6 @@ GPU_TOL = 2e-2
 IDS = [int(x) for x in np.random.default_rng(7).integers(0, 256, 40)]
 LONG = [int(x) for x in np.random.default_rng(8).integers(0, 256, 640)]  # > 512: several ubatches
 RESULTS: list[dict] = []  # written to $GPU_PARITY_JSON at the end (scripts/gpu_check.sh's table)
-
-
-def rel(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - ref).max() / max(float(np.abs(ref).max()), 1e-12))
-
-
-def close(a: np.ndarray, ref: np.ndarray, tol: float, what: str = "") -> float:
-    err = rel(a, ref)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
-    return err
 
 
 @contextlib.contextmanager
@@ -116,15 +107,11 @@ def gpu(model: Path, adapter, **kw) -> Engine:  # noqa: ANN001
 
 
 def cpu(model: Path, adapter, **kw) -> Engine:  # noqa: ANN001
-    kw.setdefault("n_ctx", 256)
     with _cpu_only():
-        return Engine(model, adapter, n_gpu_layers=0, f32_kv=True, flash_attn=False, **kw)
+        return exact_engine(model, adapter, n_gpu_layers=0, **kw)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("gpu")
-    return {arch: write_tiny_model(d / f"{arch}.gguf", arch) for arch in ("qwen3", "llama", "qwen2", "smollm3")}
+# ``tiny`` (tests/conftest.py): one random model per arch, qwen3, llama, qwen2 and smollm3
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-from ggufs import write_random_adapter
 
 from deltamem_edge import Engine
 from deltamem_edge.cli.main import main
 from deltamem_edge.conversation import Conversation
-from deltamem_edge.defaults import default_model_path
 from deltamem_edge.recall import facts
 from deltamem_edge.recall.evaluate import CONDITIONS, EvalConfig, contains_value, evaluate_memory, value_token_mask
 from deltamem_edge.recall.report import markdown
@@ -29,10 +28,9 @@ CFG = EvalConfig(n=2, seed=1, capacity=(1,), tell_max_tokens=12, answer_max_toke
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def setup(smol_model: Path, smol_random_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = tmp_path_factory.mktemp("recall")
-    model = default_model_path()
-    adapter = write_random_adapter(d / "a.dmem.gguf", model, rank=8, seed=4)
+    model, adapter = smol_model, smol_random_adapter
     with Engine(model, adapter, n_ctx=2048, n_threads=1) as eng, \
             Engine(model, False, n_ctx=2048, n_threads=1) as base:
         yield {"eng": eng, "base": base, "model": model, "adapter": adapter, "dir": d,

@@ -19,13 +19,12 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
 import pytest
-from ggufs import write_random_adapter, write_tiny_model
+from ggufs import write_random_adapter
 from serving import A, U, chat, serve
 
 from deltamem_edge import Engine
@@ -36,17 +35,13 @@ from deltamem_edge.statefile import decode, read_state_file
 FILE_RE = re.compile(r"\.?[0-9a-f]{64}\.state(\.lock)?")
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("serve")
-    model = write_tiny_model(d / "tiny-chat.gguf", "qwen3", chat_tokenizer=True, seed=11)
-    return {"model": model, "adapter": write_random_adapter(d / "tiny.dmem.gguf", model, rank=4, seed=12), "dir": d}
+# ``chat_files`` (tests/conftest.py): the tiny chat model and adapter served here
 
 
 @pytest.fixture(scope="module")
-def tok(files) -> Iterator[Engine]:
+def tok(chat_files) -> Iterator[Engine]:
     """The same model in the test process, vocabulary only: an independent count of tokens."""
-    with Engine(files["model"], False, n_ctx=64, n_threads=1) as eng:
+    with Engine(chat_files["model"], False, n_ctx=64, n_threads=1) as eng:
         yield eng
 
 
@@ -62,8 +57,8 @@ def user_block(text: str) -> str:
 REPLY_TAIL_TOKENS = 2  # "<|im_end|>" "\n" close every reply
 
 
-def test_streaming_and_non_streaming_with_usage(files, tok, tmp_path):
-    with serve(files, tmp_path / "mem") as srv:
+def test_streaming_and_non_streaming_with_usage(chat_files, tok, tmp_path):
+    with serve(chat_files, tmp_path / "mem") as srv:
         client = srv.client()
         assert client.models.list().data[0].id == "tiny-chat"
         r = chat(client, [U("Hello there")], max_tokens=10)
@@ -93,9 +88,9 @@ def test_streaming_and_non_streaming_with_usage(files, tok, tmp_path):
         assert list(srv.memdir.iterdir()) == []  # stateless requests write no file
 
 
-def test_each_turn_is_written_exactly_once(files, tok, tmp_path):
+def test_each_turn_is_written_exactly_once(chat_files, tok, tmp_path):
     """The memory-write rule: only the last user message and the reply are new, once."""
-    with serve(files, tmp_path / "mem") as srv:
+    with serve(chat_files, tmp_path / "mem") as srv:
         client = srv.client()
         r1 = chat(client, [U("My name is Ada.")], memory="ada")
         a1 = r1.choices[0].message.content
@@ -132,8 +127,8 @@ def test_each_turn_is_written_exactly_once(files, tok, tmp_path):
             "My name is Ada.", "I keep bees.", "What do I keep?"]
 
 
-def test_a_fact_changes_only_its_own_memory(files, tmp_path):
-    with serve(files, tmp_path / "mem") as srv:
+def test_a_fact_changes_only_its_own_memory(chat_files, tmp_path):
+    with serve(chat_files, tmp_path / "mem") as srv:
         client = srv.client()
         chat(client, [U("Hi, I am Bob.")], memory="bob")
         chat(client, [U("Hi, I am Eve.")], memory="eve")
@@ -172,16 +167,16 @@ def test_a_fact_changes_only_its_own_memory(files, tmp_path):
         assert srv.path("bob").read_bytes() == bob_before
 
 
-def test_restart_continues_a_memory_bit_identically(files, tmp_path):
+def test_restart_continues_a_memory_bit_identically(chat_files, tmp_path):
     first = [U("Remember: the blue key opens the shed.")]
-    with serve(files, tmp_path / "a") as srv:
+    with serve(chat_files, tmp_path / "a") as srv:
         a1 = chat(srv.client(), first, memory="carol").choices[0].message.content
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     follow = [*first, A(a1), U("Which key opens the shed?")]
 
     replies, states = [], []
     for d in ("a", "b"):  # the restarted server, and a second restart from a copy of the same file
-        with serve(files, tmp_path / d) as srv:
+        with serve(chat_files, tmp_path / d) as srv:
             assert srv.info("carol").json()["turns"] == 1
             replies.append(chat(srv.client(), follow, memory="carol", max_tokens=16).choices[0].message.content)
         states.append(read_state_file(tmp_path / d / memory_file_name("carol")))
@@ -194,7 +189,7 @@ def test_restart_continues_a_memory_bit_identically(files, tmp_path):
     # an idle memory evicted from its sequence (-np 1) comes back from its file, as after a restart
     shutil.rmtree(tmp_path / "b")
     shutil.copytree(tmp_path / "a", tmp_path / "c")
-    with serve(files, tmp_path / "c", "-np", "1") as srv:
+    with serve(chat_files, tmp_path / "c", "-np", "1") as srv:
         client = srv.client()
         chat(client, [U("first")], memory="dave")
         chat(client, [U("second")], memory="carol")
@@ -204,14 +199,14 @@ def test_restart_continues_a_memory_bit_identically(files, tmp_path):
         assert srv.path("dave").read_bytes() != dave and srv.info("dave").json()["turns"] == 2
 
 
-def test_memory_export_and_import(files, tmp_path):
+def test_memory_export_and_import(chat_files, tmp_path):
     """A memory's file goes out byte for byte and comes back only if a load would accept it."""
-    other = write_random_adapter(tmp_path / "other.dmem.gguf", files["model"], rank=4, seed=99)  # same shape
-    with Engine(files["model"], other, n_ctx=256, n_threads=1) as eng, \
+    other = write_random_adapter(tmp_path / "other.dmem.gguf", chat_files["model"], rank=4, seed=99)  # same shape
+    with Engine(chat_files["model"], other, n_ctx=256, n_threads=1) as eng, \
             Conversation(eng, tmp_path / "foreign.state", system="", max_new_tokens=4) as conv:
         conv.say("hello")  # a genuine memory of another adapter
     foreign = (tmp_path / "foreign.state").read_bytes()
-    with serve(files, tmp_path / "mem") as srv:
+    with serve(chat_files, tmp_path / "mem") as srv:
         client = srv.client()
         r1 = chat(client, [U("My name is Ana.")], memory="ana")
         chat(client, [U("My name is Ana."), A(r1.choices[0].message.content), U("I live in Porto.")], memory="ana")
@@ -271,9 +266,9 @@ def test_memory_export_and_import(files, tmp_path):
 HOSTILE = ["../x", "/etc/passwd", "a\x00b", "x" * 10240, "ünïcödé", "a/b", "..\\..\\x", "", " ", "a\nb"]
 
 
-def test_hostile_memory_ids_are_harmless(files, tmp_path):
+def test_hostile_memory_ids_are_harmless(chat_files, tmp_path):
     mem = tmp_path / "mem"
-    with serve(files, mem) as srv:
+    with serve(chat_files, mem) as srv:
         client = srv.client()
         for bad in HOSTILE:
             with pytest.raises(openai.BadRequestError) as info:
@@ -302,10 +297,10 @@ def test_hostile_memory_ids_are_harmless(files, tmp_path):
     assert len(names) == 12 and all(FILE_RE.fullmatch(n) for n in names)
 
 
-def test_api_key_guards_every_route_but_health(files, tmp_path):
+def test_api_key_guards_every_route_but_health(chat_files, tmp_path):
     keyfile = tmp_path / "keys"
     keyfile.write_text("# local key\nsecret-1\n")
-    with serve(files, tmp_path / "mem", "--api-key-file", str(keyfile)) as srv:
+    with serve(chat_files, tmp_path / "mem", "--api-key-file", str(keyfile)) as srv:
         body = {"model": "m", "messages": [U("hi")], "max_tokens": 2}
         routes = [("POST", "/v1/chat/completions", body), ("GET", "/v1/models", None),
                   ("GET", "/v1/memories/zed", None), ("DELETE", "/v1/memories/zed", None), ("GET", "/nowhere", None),
@@ -328,8 +323,8 @@ def test_api_key_guards_every_route_but_health(files, tmp_path):
         assert "access-control-allow-origin" not in pre.headers
 
 
-def test_cors_only_for_named_origins(files, tmp_path):
-    with serve(files, tmp_path / "mem", "--cors-origin", "http://localhost:3000") as srv:
+def test_cors_only_for_named_origins(chat_files, tmp_path):
+    with serve(chat_files, tmp_path / "mem", "--cors-origin", "http://localhost:3000") as srv:
         ok = httpx.options(f"{srv.url}/v1/chat/completions", headers={
             "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
         assert ok.headers.get("access-control-allow-origin") == "http://localhost:3000"
@@ -347,8 +342,8 @@ BAD_FIELDS = [
 ]
 
 
-def test_bad_fields_are_400_in_openai_shape(files, tmp_path):
-    with serve(files, tmp_path / "mem") as srv:
+def test_bad_fields_are_400_in_openai_shape(chat_files, tmp_path):
+    with serve(chat_files, tmp_path / "mem") as srv:
         url = f"{srv.url}/v1/chat/completions"
         for field, value in BAD_FIELDS:
             body = {"model": "m", "messages": [U("hi")], field: value}
@@ -378,22 +373,17 @@ def turn_tokens(eng: Engine, user: str, completion_tokens: int) -> int:
     return ntok(eng, user_block(user)) + completion_tokens + REPLY_TAIL_TOKENS
 
 
-@pytest.fixture(scope="module")
-def chatty(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny model whose greedy replies to LONG_PROMPTS run on for thousands of tokens (found by search;
-    the model of ``files`` ends every reply within a few hundred)."""
-    d = tmp_path_factory.mktemp("chatty")
-    model = write_tiny_model(d / "tiny-chat.gguf", "qwen3", chat_tokenizer=True, seed=28)
-    return {"model": model, "adapter": write_random_adapter(d / "tiny.dmem.gguf", model, rank=4, seed=29), "dir": d}
+# ``talkative_files`` (tests/conftest.py): a tiny model whose greedy replies to LONG_PROMPTS run on for
+# thousands of tokens (found by search; the model of ``chat_files`` ends every reply within a few hundred)
 
 
 LONG_PROMPTS = ("Tell me a very long story", "One more long story", "And then?")
 
 
-def test_a_client_that_leaves_stops_its_generation(chatty, tok, tmp_path):
+def test_a_client_that_leaves_stops_its_generation(talkative_files, tok, tmp_path):
     """Closing the connection mid-stream (or mid non-streaming reply) ends generation, far short of max_tokens."""
     n = 3000
-    with serve(chatty, tmp_path / "mem", "-np", "1", "-c", "4096") as srv:
+    with serve(talkative_files, tmp_path / "mem", "-np", "1", "-c", "4096") as srv:
         client = srv.client()
         for prompt in LONG_PROMPTS:  # stateless = a fresh memory: what an uncut reply to it would be
             full = chat(client, [U(prompt)], max_tokens=n)
@@ -426,8 +416,8 @@ def test_a_client_that_leaves_stops_its_generation(chatty, tok, tmp_path):
         assert full.choices[0].message.content.startswith(mem.transcript[1]["content"])
 
 
-def test_disconnect_mid_stream_and_sigterm_leave_memories_consistent(files, tmp_path):
-    with serve(files, tmp_path / "mem") as srv:
+def test_disconnect_mid_stream_and_sigterm_leave_memories_consistent(chat_files, tmp_path):
+    with serve(chat_files, tmp_path / "mem") as srv:
         stream = chat(srv.client(), [U("Tell me a long story")], memory="fay", max_tokens=400, stream=True)
         for _ in zip(range(3), stream, strict=False):
             pass

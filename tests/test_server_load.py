@@ -20,11 +20,9 @@ from __future__ import annotations
 import random
 import re
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
-from ggufs import write_random_adapter, write_tiny_model
 from serving import A, U, chat, decode_steps, serve, serve_batched
 
 from deltamem_edge.server.memories import memory_file_name
@@ -42,11 +40,7 @@ GROWTH_BOUND_MIB = 48  # peak under load minus the idle RSS before it
 FILE_RE = re.compile(r"\.?[0-9a-f]{64}\.state(\.lock)?")
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("load")
-    model = write_tiny_model(d / "tiny-chat.gguf", "qwen3", chat_tokenizer=True, seed=11)
-    return {"model": model, "adapter": write_random_adapter(d / "tiny.dmem.gguf", model, rank=4, seed=12)}
+# ``chat_files`` and ``talkative_files`` (tests/conftest.py): tiny chat models and their adapters
 
 
 def _client(srv, i: int, start: threading.Barrier, written: list[str]) -> None:
@@ -82,13 +76,13 @@ def _client(srv, i: int, start: threading.Barrier, written: list[str]) -> None:
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["serve", "batched"])
-def test_concurrent_users_lose_no_update_and_stay_bounded(files, tmp_path, batched):
+def test_concurrent_users_lose_no_update_and_stay_bounded(chat_files, tmp_path, batched):
     """``serve``: one decode per user; ``batched``: users share decode steps (Engine.step)."""
     memdir = tmp_path / "mem"
     written: dict[int, list[str]] = {i: [] for i in range(CLIENTS)}
     errors: list[BaseException] = []
-    server = serve_batched(files, memdir, "--transcript-turns", "16") if batched else \
-        serve(files, memdir, "-np", "4", "--transcript-turns", "16")
+    server = serve_batched(chat_files, memdir, "--transcript-turns", "16") if batched else \
+        serve(chat_files, memdir, "-np", "4", "--transcript-turns", "16")
     with server as srv:
         chat(srv.client(), [U("warm up")], max_tokens=2)  # stateless: the first request's imports are done
         idle_kib = srv.memory_kib()
@@ -133,13 +127,11 @@ def test_concurrent_users_lose_no_update_and_stay_bounded(files, tmp_path, batch
     assert all(FILE_RE.fullmatch(n) for n in names)
 
 
-def test_batched_users_share_steps_and_get_the_replies_they_get_alone(tmp_path):
+def test_batched_users_share_steps_and_get_the_replies_they_get_alone(talkative_files, tmp_path):
     """4 users generating at once on the batched server: each reply and memory is what that user gets alone."""
-    model = write_tiny_model(tmp_path / "tiny-chat.gguf", "qwen3", chat_tokenizer=True, seed=28)  # talks long
-    files = {"model": model, "adapter": write_random_adapter(tmp_path / "tiny.dmem.gguf", model, rank=4, seed=29)}
     prompts = [f"User {i} asks for a very long story" for i in range(4)]
     together: dict[int, str] = {}
-    with serve_batched(files, tmp_path / "mem") as srv:
+    with serve_batched(talkative_files, tmp_path / "mem") as srv:
         start = threading.Barrier(len(prompts))
 
         def user(i: int) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engines import exact_engine
 from ggufs import write_random_adapter, write_tiny_model
 
 from deltamem_edge import Engine, supported
@@ -114,7 +115,8 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _engine(model: Path, adapter: Path) -> Engine:
-    return Engine(model, adapter, n_ctx=256, n_threads=2, f32_kv=True, flash_attn=False)
+    """tests/engines.py's exact engine (256 positions) on two threads."""
+    return exact_engine(model, adapter, n_threads=2)
 
 
 @pytest.mark.parametrize(("rank", "heads"), [(4, 20), (supported.MAX_RANK, supported.MAX_STATE_HEADS)])

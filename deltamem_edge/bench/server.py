@@ -15,7 +15,7 @@ token (send to the first content chunk) and the per-request decode rate (tokens 
 the first / time after the first).  Rounds repeat every phase, the variant order
 alternating; ratios δ-mem / no adapter are paired per round (median, min–max).
 
-Why two server processes started by this module (``python -m deltamem_edge.bench_server
+Why two server processes started by this module (``python -m deltamem_edge.bench.server
 serve``) rather than ``deltamem-edge serve``: the CLI refuses a model without an adapter.
 The entry below builds the same app (``server.app.create_app``, the same pool and
 conversations, the same uvicorn settings) with or without one; both run at once, idle
@@ -49,9 +49,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DeltaMemError
+from ..errors import DeltaMemError
+from .plan import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("dmem", "vanilla")
 VARIANT_LABELS = {"dmem": "δ-mem, a memory per user", "vanilla": "no adapter, stateless"}
 DOC_BEGIN = "<!-- server-bench:begin -->"
@@ -130,7 +130,7 @@ class ServerProc:
 
     def __init__(self, plan: ServerPlan, variant: str, memdir: Path, log: Path) -> None:
         n_seq = max(plan.users)
-        cmd = [sys.executable, "-m", "deltamem_edge.bench_server", "serve", "--model", str(plan.model),
+        cmd = [sys.executable, "-m", "deltamem_edge.bench.server", "serve", "--model", str(plan.model),
                "--memory-dir", str(memdir), "--parallel", str(n_seq), "--ctx-size", str(plan.ctx_per_user * n_seq),
                "--threads", str(plan.threads), "--gpu-layers", str(plan.n_gpu_layers)]
         if variant == "dmem":
@@ -184,7 +184,7 @@ def serve_main(argv: list[str]) -> None:
     tokens share one llama_decode per step (``deltamem_edge.batching``); ``--no-batch`` keeps the
     unified cache ``deltamem-edge serve`` uses today (one decode per user and token).
     """
-    ap = argparse.ArgumentParser(prog="python -m deltamem_edge.bench_server serve")
+    ap = argparse.ArgumentParser(prog="python -m deltamem_edge.bench.server serve")
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--adapter", type=Path)
     ap.add_argument("--memory-dir", type=Path, required=True)
@@ -198,12 +198,12 @@ def serve_main(argv: list[str]) -> None:
 
     import uvicorn
 
-    from .conversation import Conversation
-    from .engine import Engine
-    from .server.app import ServerState, create_app
-    from .server.completion import SamplingDefaults
-    from .server.memories import MemoryPool
-    from .server.protocol import Limits
+    from ..conversation import Conversation
+    from ..engine import Engine
+    from ..server.app import ServerState, create_app
+    from ..server.completion import SamplingDefaults
+    from ..server.memories import MemoryPool
+    from ..server.protocol import Limits
 
     per_seq = args.ctx_size // args.parallel
     engine = Engine(args.model, args.adapter if args.adapter else False, n_ctx=args.ctx_size,
@@ -352,7 +352,7 @@ def memory_turns(url: str, ids: list[str]) -> dict[str, int]:
 
 def run(plan: ServerPlan, *, workdir: Path) -> dict[str, Any]:
     """Measure every (round, users, variant); returns the result document (also the JSON file)."""
-    from .bench import machine_info
+    from .machine import machine_info
 
     t_start = time.perf_counter()
     result: dict[str, Any] = {"kind": "server", "machine": machine_info(plan.threads), "plan": plan.info(),
@@ -483,5 +483,5 @@ def main(plan: ServerPlan, *, out_dir: Path | None = None, doc: Path | None = No
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["serve"]:
-        sys.exit("usage: python -m deltamem_edge.bench_server serve --model M [--adapter A] --memory-dir D ...")
+        sys.exit("usage: python -m deltamem_edge.bench.server serve --model M [--adapter A] --memory-dir D ...")
     serve_main(sys.argv[2:])

@@ -7,10 +7,12 @@ width 2560, 32/8 heads of 128, FFN 9728, vocab 151936, tied embeddings) and
 random weights, quantizes it to Q4_K_M with llama.cpp's own quantizer, and adds a
 random δ-mem adapter of the released shape (rank 8, one state head, heads q,o, all
 layers, f32 as the converter writes it).  Everything is seeded and cached under
-``cache_root()/bench``; the f16 intermediate is deleted once quantized.
+``cache_root()/bench``; the f16 intermediate is deleted once quantized.  The GGUF
+writing itself is ``deltamem_edge.random_gguf``'s, shared with the tests and the GPU
+check; this module picks the shapes, the value scales and the streaming.
 
 This module never loads libllama: quantization runs in a worker subprocess
-(``bench_worker quantize``) with the library the caller names.
+(``bench.worker quantize``) with the library the caller names.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import gguf_schema as S
-from .errors import DeltaMemError
+from ..errors import DeltaMemError
 
 GEN_VERSION = 1  # bump when the generated files change (new file names, old ones stay unused)
 
@@ -91,7 +93,7 @@ class BenchModel:
 
 
 def bench_cache() -> Path:
-    from .native.build import cache_root
+    from ..native.build import cache_root
 
     return cache_root() / "bench"
 
@@ -122,156 +124,69 @@ def smollm2_path() -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-class _RandomF16:
-    """Duck-typed array for GGUFWriter.write_tensor_data: streams seeded N(0, std) f16 in chunks.
+class _Random:
+    """Duck-typed array for GGUFWriter.write_tensor_data: seeded random values drawn as they are written.
 
-    A Qwen3-4B token embedding alone is 389 M values; this never holds more than
-    `chunk` of them.
+    ``draw(n)`` gives the next n values (of ``dtype``).  A Qwen3-4B token embedding alone
+    is 389 M values; this never holds more than ``chunk`` of them.  The values come from
+    the shared generator in file order, so a seed always gives the same file.
     """
 
-    def __init__(self, shape: tuple[int, ...], rng: np.random.Generator, std: float, chunk: int = 1 << 23) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: type, draw: Callable[[int], np.ndarray],
+                 chunk: int = 1 << 23) -> None:
         self.shape = shape
         self.size = int(np.prod(shape))
-        self.nbytes = 2 * self.size
-        self.dtype = np.dtype(np.float16)
-        self._rng, self._std, self._chunk = rng, std, chunk
+        self.dtype = np.dtype(dtype)
+        self.nbytes = self.dtype.itemsize * self.size
+        self._draw, self._chunk = draw, chunk
 
     def tofile(self, f) -> None:  # noqa: ANN001 - a binary file object
         left = self.size
         while left:
             n = min(left, self._chunk)
-            (self._rng.standard_normal(n, dtype=np.float32) * self._std).astype(np.float16).tofile(f)
+            self._draw(n).tofile(f)
             left -= n
-
-
-def _tensor_plan(s: Shape) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, numpy shape, kind) of every tensor of a Qwen3 model of shape `s`."""
-    q, kv = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
-    plan: list[tuple[str, tuple[int, ...], str]] = [("token_embd.weight", (s.n_vocab, s.n_embd), "mat")]
-    for il in range(s.n_layer):
-        p = f"blk.{il}."
-        plan += [
-            (p + "attn_norm.weight", (s.n_embd,), "norm"),
-            (p + "attn_q.weight", (q, s.n_embd), "mat"),
-            (p + "attn_k.weight", (kv, s.n_embd), "mat"),
-            (p + "attn_v.weight", (kv, s.n_embd), "mat"),
-            (p + "attn_q_norm.weight", (s.head_dim,), "norm"),
-            (p + "attn_k_norm.weight", (s.head_dim,), "norm"),
-            (p + "attn_output.weight", (s.n_embd, q), "mat"),
-            (p + "ffn_norm.weight", (s.n_embd,), "norm"),
-            (p + "ffn_gate.weight", (s.n_ff, s.n_embd), "mat"),
-            (p + "ffn_up.weight", (s.n_ff, s.n_embd), "mat"),
-            (p + "ffn_down.weight", (s.n_embd, s.n_ff), "mat"),
-        ]
-    plan.append(("output_norm.weight", (s.n_embd,), "norm"))
-    if not s.tied:
-        plan.append(("output.weight", (s.n_vocab, s.n_embd), "mat"))
-    return plan
 
 
 def write_random_qwen3_f16(path: Path, s: Shape, *, seed: int = 0, name: str = "bench-random-qwen3") -> Path:
     """Random-weight Qwen3 GGUF, 2-D tensors f16 (streamed), 1-D f32; no tokenizer (no_vocab)."""
     import gguf
 
+    from .. import random_gguf as RG
+
     rng = np.random.default_rng(seed)
-    wr = gguf.GGUFWriter(path, "qwen3")
-    wr.add_type("model")
-    wr.add_name(name)
-    wr.add_context_length(40960)
-    wr.add_embedding_length(s.n_embd)
-    wr.add_block_count(s.n_layer)
-    wr.add_feed_forward_length(s.n_ff)
-    wr.add_head_count(s.n_head)
-    wr.add_head_count_kv(s.n_head_kv)
-    wr.add_key_length(s.head_dim)
-    wr.add_value_length(s.head_dim)
-    wr.add_rope_dimension_count(s.head_dim)
-    wr.add_rope_freq_base(1e6)
-    wr.add_layer_norm_rms_eps(1e-6)
-    wr.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    wr.add_vocab_size(s.n_vocab)
-    wr.add_tokenizer_model("no_vocab")
-    plan = _tensor_plan(s)
-    for tname, shp, kind in plan:
-        if kind == "mat":
-            wr.add_tensor_info(tname, shp, np.dtype(np.float16), 2 * int(np.prod(shp)))
-        else:
-            wr.add_tensor_info(tname, shp, np.dtype(np.float32), 4 * int(np.prod(shp)))
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_ti_data_to_file()
-    for _tname, shp, kind in plan:
-        if kind == "mat":
-            # std 0.02 (the usual init): activations stay normal-sized through 36 layers (no denormals, no inf)
-            wr.write_tensor_data(_RandomF16(shp, rng, 0.02))  # type: ignore[arg-type]
-        else:
-            wr.write_tensor_data((1.0 + 0.05 * rng.standard_normal(shp)).astype(np.float32))
-    wr.close()
-    return path
 
+    def mat(n: int) -> np.ndarray:
+        # std 0.02 (the usual init): activations stay normal-sized through 36 layers (no denormals, no inf)
+        return (rng.standard_normal(n, dtype=np.float32) * 0.02).astype(np.float16)
 
-def base_dims(model_path: Path) -> dict:
-    """arch, n_layer and the in/out widths an adapter needs, from a model GGUF's metadata."""
-    import gguf
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.05 * rng.standard_normal(n)).astype(np.float32)
 
-    r = gguf.GGUFReader(model_path)
-    arch = r.fields[gguf.Keys.General.ARCHITECTURE].contents()
-
-    def key(k: str, default=None):  # noqa: ANN001, ANN202
-        f = r.fields.get(k.format(arch=arch))
-        return default if f is None else f.contents()
-
-    n_embd, n_head = int(key(gguf.Keys.LLM.EMBEDDING_LENGTH)), int(key(gguf.Keys.Attention.HEAD_COUNT))
-    hd = int(key(gguf.Keys.Attention.KEY_LENGTH, n_embd // n_head))
-    return {"arch": arch, "n_embd": n_embd, "n_layer": int(key(gguf.Keys.LLM.BLOCK_COUNT)),
-            "n_head": n_head, "n_head_kv": int(key(gguf.Keys.Attention.HEAD_COUNT_KV, n_head)), "head_dim": hd,
-            "n_ff": int(key(gguf.Keys.LLM.FEED_FORWARD_LENGTH)),
-            "q_out": n_head * hd}
+    tensors = [(tname, _Random(shp, np.float16, mat) if kind == "mat" else _Random(shp, np.float32, norm),
+                None) for tname, shp, kind in RG.model_tensor_plan("qwen3", **asdict(s))]
+    return RG.write_model(path, "qwen3", tensors, name=name, file_type=gguf.LlamaFileType.MOSTLY_F16, n_ctx=40960,
+                          n_embd=s.n_embd, n_layer=s.n_layer, n_ff=s.n_ff, n_head=s.n_head, n_head_kv=s.n_head_kv,
+                          head_dim=s.head_dim, rope_base=1e6, norm_eps=1e-6, n_vocab=s.n_vocab)
 
 
 def write_random_adapter(path: Path, model_path: Path, *, seed: int = 1, rank: int = RELEASED["rank"]) -> Path:
     """Random δ-mem adapter of the released shape for `model_path` (f32, all layers, heads q,o).
 
-    Same schema as the converter's output (gguf_schema); one state head, so upstream
-    and GDN row orders coincide.
+    Same schema as the converter's output (gguf_schema, written by ``random_gguf``); one
+    state head, so upstream and GDN row orders coincide.  Smaller values than the tests'
+    adapters: projections N(0, 0.05), δ heads N(0, 0.02), β bias -1.5 (the bench's values
+    since GEN_VERSION 1: the same seed still gives the same file).
     """
-    import gguf
+    from .. import random_gguf as RG
 
-    d = base_dims(model_path)
-    R, D = rank, d["n_embd"]
-    rng = np.random.default_rng(seed)
-    layers = list(range(d["n_layer"]))
-    wr = gguf.GGUFWriter(path, d["arch"])
-    wr.add_type(S.GENERAL_TYPE_ADAPTER)
-    wr.add_name("bench random δ-mem adapter")
-    wr.add_string(S.KEY_ADAPTER_TYPE, S.ADAPTER_TYPE)
-    wr.add_uint32(S.KEY_VERSION, S.SCHEMA_VERSION)
-    wr.add_uint32(S.KEY_RANK, rank)
-    wr.add_uint32(S.KEY_STATE_HEADS, 1)
-    wr.add_float32(S.KEY_ALPHA, float(RELEASED["alpha"]))
-    wr.add_string(S.KEY_UPDATE_MODE, RELEASED["update_mode"])
-    wr.add_bool(S.KEY_COUPLE_LAMBDA, RELEASED["couple_lambda"])
-    wr.add_bool(S.KEY_NORMALIZE_QK, True)
-    wr.add_float32(S.KEY_NORM_EPS, S.DEFAULT_NORM_EPS)
-    wr.add_float32(S.KEY_GATE_CLAMP, S.DEFAULT_GATE_CLAMP)
-    wr.add_string(S.KEY_DELTA_HEADS, ",".join(RELEASED["delta_heads"]))
-    wr.add_bool(S.KEY_DELTA_O_RMSNORM, False)
-    wr.add_float32(S.KEY_DELTA_O_RMSNORM_EPS, 1e-6)
-    wr.add_string(S.KEY_WRITE_GRANULARITY, "token")
-    wr.add_key_value(S.KEY_LAYERS, layers, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
-    wr.add_string(S.KEY_ROW_ORDER, S.ROW_ORDER_GDN)
-    wr.add_string(S.KEY_SOURCE, f"deltamem_edge.bench_models (random, seed {seed})")
-    for bid in layers:
-        w_in = rng.normal(0.0, 0.05, (4 * R, D)).astype(np.float32)  # q, k, v, beta rows
-        wr.add_tensor(S.TENSOR_IN.format(bid=bid), w_in)
-        wr.add_tensor(S.TENSOR_BETA_BIAS.format(bid=bid), np.full(R, RELEASED["beta_bias"], np.float32))
-        wr.add_tensor(S.TENSOR_DELTA["q"].format(bid=bid), rng.normal(0.0, 0.02, (d["q_out"], R)).astype(np.float32))
-        wr.add_tensor(S.TENSOR_DELTA["o"].format(bid=bid), rng.normal(0.0, 0.02, (D, R)).astype(np.float32))
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
-    return path
+    keys = ("state_heads", "delta_heads", "update_mode", "couple_lambda", "beta_bias")
+    weights = RG.random_adapter_weights(model_path, rank=rank, seed=seed, proj_std=0.05, delta_std=0.02,
+                                        **{k: RELEASED[k] for k in keys})
+    return RG.write_adapter(path, model_path, weights, rank=rank, state_heads=RELEASED["state_heads"],
+                            update_mode=RELEASED["update_mode"], couple_lambda=RELEASED["couple_lambda"],
+                            alpha=RELEASED["alpha"], name="bench random δ-mem adapter",
+                            source=f"deltamem_edge.bench_models (random, seed {seed})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +197,7 @@ def write_random_adapter(path: Path, model_path: Path, *, seed: int = 1, rank: i
 def quantize(src: Path, dst: Path, lib_dir: Path, *, ftype: str = "Q4_K_M", threads: int = 2) -> None:
     env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lib_dir))
     env.pop("DELTAMEM_LIB_DIR", None)
-    cmd = [sys.executable, "-m", "deltamem_edge.bench_worker", "quantize", str(src), str(dst),
+    cmd = [sys.executable, "-m", "deltamem_edge.bench.worker", "quantize", str(src), str(dst),
            "--ftype", ftype, "--threads", str(threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not dst.is_file():
@@ -338,7 +253,9 @@ def smollm2_model(*, cache: Path | None = None, seed: int = 0) -> BenchModel:
         tmp = cache / f".{adapter.name}.tmp"
         write_random_adapter(tmp, path, seed=seed + 1)
         os.replace(tmp, adapter)
-    d = base_dims(path)
+    from ..random_gguf import base_shapes
+
+    d = base_shapes(path)
     return BenchModel(name="smollm2", label="SmolLM2-135M-Instruct Q4_1 (real)", path=path, adapter=adapter,
                       synthetic=False, quant="Q4_1", shape={k: d[k] for k in ("n_layer", "n_embd", "n_head",
                                                                            "n_head_kv", "head_dim", "n_ff")})

@@ -261,7 +261,7 @@ class Worker:
         """
         if not self.dmem:
             raise WorkerError("statecost needs an adapter")
-        from . import statefile as sf
+        from .. import statefile as sf
 
         d = self.dmem
         self._set_write(True)
@@ -442,7 +442,7 @@ def oneshot(spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deltamem_edge.bench_worker")
+    ap = argparse.ArgumentParser(prog="python -m deltamem_edge.bench.worker")
     sub = ap.add_subparsers(dest="what", required=True)
     sub.add_parser("serve")
     q = sub.add_parser("quantize")
