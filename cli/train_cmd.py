@@ -42,6 +42,8 @@ def train(
     key_weight: float = typer.Option(None, "--key-weight",
                                      help="Weight of the loss that points answer queries at the asked value's keys (0: off)."),
     beta_lr_mult: float = typer.Option(None, "--beta-lr-mult", help="Learning-rate factor of the write-gate weights."),
+    lm_weight: float = typer.Option(None, "--lm-weight",
+                                    help="Weight of the next-token loss on the text being written (keeps ordinary text as the base predicts it; 0: off)."),
     init: str = typer.Option(None, "--init", help="Initial δ-mem weights: upstream, or tied (keys = queries, δ_o = W_vᵀ)."),
     query_gain: float = typer.Option(None, "--query-gain", help="With --init tied: initial size of δ_q (and δ_k, δ_v)."),
     seed: int = typer.Option(None, "--seed", "-s", help="Seed of the data, the order and the initial weights."),
@@ -77,6 +79,7 @@ def train(
         "steps": steps, "batch": batch, "lr": lr, "seed": seed, "n_fact_episodes": episodes,
         "n_generic_episodes": generic, "n_prose_episodes": prose, "contrast_weight": contrast, "facts_per_memory": facts_per_memory(facts, "--facts") if facts else None,
         "value_weight": value_weight, "addressing_weight": addressing, "key_weight": key_weight, "beta_lr_mult": beta_lr_mult,
+        "lm_weight": lm_weight,
     }.items() if v is not None}
     precisions = {"auto": None, "bf16": True, "f32": False}
     if precision not in precisions:

@@ -134,3 +134,15 @@ def test_training_prose_never_contains_the_perplexity_check_text() -> None:
     for doc in held_out:
         for i in range(0, len(doc) - 60, 60):  # no 60-character piece of a held-out document in training
             assert not any(doc[i:i + 60] in chunk for chunk in train), doc[i:i + 60]
+
+
+def test_dev_prose_is_neither_training_nor_held_out_prose() -> None:
+    """The dev probe's prose shares no module and no 60-character piece with the training or the check text."""
+    assert not set(facts.DEV_TEXT_MODULES) & (set(facts.TRAINING_TEXT_MODULES) | set(facts.GENERIC_TEXT_MODULES))
+    dev, train, held_out = facts.dev_text(), facts.training_text(), facts.generic_text()
+    assert len(dev) >= 20 and all(len(chunk) >= 300 for chunk in dev)
+    for doc in dev:
+        for i in range(0, len(doc) - 60, 60):
+            piece = doc[i:i + 60]
+            assert not any(piece in chunk for chunk in train), piece
+            assert not any(piece in other for other in held_out), piece

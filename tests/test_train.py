@@ -21,9 +21,10 @@ from ggufs import write_tiny_model
 from deltamem_edge import Engine
 from deltamem_edge.reference import RefAdapter, RefModel
 from deltamem_edge.train.data import Example
+from deltamem_edge.train.dev import text_probe
 from deltamem_edge.train.episodes import TokenEpisode
 from deltamem_edge.train.export import export_gguf, upstream_weights
-from deltamem_edge.train.loop import CHECKPOINT, TrainConfig, episode_loss, train
+from deltamem_edge.train.loop import CHECKPOINT, TrainConfig, episode_loss, train, written_text_nll
 from deltamem_edge.train.model import DeltaMem, DeltaMemModel, DeltaMemSpec, FrozenBase, delta_scan
 
 RUN1 = [1, 5, 9, 30, 7, 2, 100, 41, 17]
@@ -96,7 +97,7 @@ def test_forward_matches_engine(tiny: dict[str, Path], tmp_path: Path) -> None:
     mem = randomized(DeltaMem(base, DeltaMemSpec(rank=8, state_heads=1)), 12, scale=0.2)
     gguf_path = export_gguf(mem, base, tmp_path / "a.dmem.gguf", outtype="f32")
     l1, st1, l2, st2 = _two_runs(DeltaMemModel(base.double(), mem.double()))
-    with Engine(tiny["llama"], gguf_path, n_ctx=64, f32_kv=True, flash_attn=False) as eng:
+    with Engine(tiny["llama"], gguf_path, n_ctx=64, exact=True) as eng:
         s = eng.session()
         e1 = s.feed(RUN1)
         e_st1 = s.state()
@@ -368,3 +369,57 @@ def test_addressing_training_opens_the_gate_on_values_only(tiny: dict[str, Path]
     assert abs(first["beta_on"] - first["beta_off"]) < 0.05, first  # β_proj starts at 0: one gate for all
     assert last["beta_on"] - last["beta_off"] > 0.4, last
     assert last["key_cos"] > first["key_cos"], (first, last)
+
+
+def _ref_nll(ref: RefModel, adapter: RefAdapter, ids: list[int]) -> float:
+    """Mean next-token NLL of ``ids`` read while written, in float64 numpy (the reference runtime)."""
+    logits = np.asarray(ref.session(adapter).feed(ids), dtype=np.float64)[:-1]
+    top = logits.max(-1, keepdims=True)
+    logz = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[:, 0]
+    return float((logz - logits[np.arange(len(ids) - 1), ids[1:]]).mean())
+
+
+def test_written_text_loss_matches_the_reference(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """``written_text_nll`` is run 1's next-token loss through the δ-mem reference, pads excluded."""
+    base = FrozenBase(tiny["llama"])
+    mem = randomized(DeltaMem(base, DeltaMemSpec(rank=4, state_heads=1)), 13, scale=0.3)
+    gguf_path = export_gguf(mem, base, tmp_path / "a.dmem.gguf", outtype="f32")
+    ref = RefModel(tiny["llama"])
+    adapter = RefAdapter(gguf_path, ref)
+    short = RUN1[:6]  # a shorter row: its pads must not count
+    ep = lambda w: Example(TokenEpisode(tuple(w), tuple(RUN2), tuple(RUN2_WRITES), (RUN2[-1],)), (0, 0))  # noqa: E731
+    from deltamem_edge.train.data import collate
+
+    batch = collate([ep(RUN1), ep(short)])
+    model = DeltaMemModel(base.double(), mem.double())
+    with torch.no_grad():
+        pos = torch.arange(batch.write_ids.shape[1]).expand(2, -1)
+        got = float(written_text_nll(model, model(batch.write_ids, pos, batch.write_mask)[0], batch))
+        bare = DeltaMemModel(base.double(), None)
+        got_bare = float(written_text_nll(bare, bare(batch.write_ids, pos, batch.write_mask)[0], batch))
+    n1, n2 = len(RUN1) - 1, len(short) - 1
+    want = (_ref_nll(ref, adapter, RUN1) * n1 + _ref_nll(ref, adapter, short) * n2) / (n1 + n2)
+    assert got == pytest.approx(want, rel=1e-6)  # the loss takes its softmax in float32
+    assert abs(got - got_bare) > 1e-3  # the memory really changes the loss (a zero adapter would not)
+
+
+def test_text_loss_term_keeps_written_text_as_the_base_reads_it(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """From a loud random memory that hurts the text it is written from, ``lm_weight`` undoes the harm.
+
+    Two runs from the same weights and data, with and without the term: the answer loss
+    alone also shrinks the harm a little, so the test compares the two.
+    """
+    torch.set_num_threads(1)
+    base = FrozenBase(tiny["llama"])
+    held = toy_examples(32, 7)
+    harm: dict[float, float] = {}
+    for weight in (0.0, 1.0):
+        cfg = dataclasses.replace(toy_config(lm_weight=weight), steps=20)
+        model = DeltaMemModel(base, randomized(DeltaMem(base, cfg.spec, seed=cfg.seed), 14, scale=0.3))
+        before = text_probe(model, held)
+        assert before["text_nll"] > before["text_nll_base"] + 0.1, before  # the test starts from real harm
+        history = train(model, toy_examples(64, 8), cfg, tmp_path / str(weight))
+        after = text_probe(model, held)
+        harm[weight] = after["text_nll"] - after["text_nll_base"]
+        assert ("text_nll" in history[-1]) == (weight > 0)
+    assert harm[1.0] < 0.5 * harm[0.0], harm

@@ -99,3 +99,22 @@ def test_prose_examples_are_plain_documents_with_nothing_to_remember(engine: Eng
         assert list(ep.targets) == tok.run2(question, answers[question])[2]
     from_start = [ex for ex in examples if tuple(ex.ep.write_ids[:6]) in starts]
     assert from_start, "no window starts at the beginning of a training document"
+
+
+def test_dev_text_windows_are_plain_dev_prose(engine: Engine) -> None:
+    """The dev probe's windows are plain documents cut from ``dev_text``, never from the training prose."""
+    from deltamem_edge.recall.facts import dev_text, training_text
+    from deltamem_edge.train.data import PROSE_MAX_TOKENS, text_examples
+
+    tok = EpisodeTokenizer(engine)
+    dev, train = dev_text(), training_text()
+    examples = text_examples(tok, dev, 16, 5)
+    assert len(examples) == 16
+    for ex in examples:
+        ids = ex.ep.write_ids
+        assert 2 <= len(ids) <= PROSE_MAX_TOKENS
+        assert not any(engine.is_eog(t) for t in ids)  # plain text, not a chat turn
+        text = engine.detokenize(list(ids)).strip()  # a window from a document's start begins with BOS (not shown)
+        piece = text[:40]
+        assert any(piece in d for d in dev) and not any(piece in d for d in train), piece
+    assert text_examples(tok, [], 4, 5) == []

@@ -82,12 +82,27 @@ def prose_examples(tok: EpisodeTokenizer, n: int, seed: int, answers: dict[str, 
         return []
     out = []
     for _ in range(n):
-        ids = tok.engine.tokenize(rng.choice(docs), add_special=True)
-        start = rng.randrange(0, max(1, len(ids) - PROSE_MAX_TOKENS // 2)) if rng.random() < 0.5 else 0
-        window = ids[start:start + PROSE_MAX_TOKENS]
+        window = _prose_window(tok, docs, rng)
         prompt = rng.choice(prompts)
         read, writes, targets = tok.run2(prompt, answers[prompt])
-        out.append(Example(TokenEpisode(tuple(window), tuple(read), tuple(writes), tuple(targets), "prose"), (0, 0)))
+        out.append(Example(TokenEpisode(window, tuple(read), tuple(writes), tuple(targets), "prose"), (0, 0)))
+    return out
+
+
+def _prose_window(tok: EpisodeTokenizer, docs: Sequence[str], rng: random.Random) -> tuple[int, ...]:
+    """A plain-document window (BOS, no template) of at most PROSE_MAX_TOKENS: half from the start, half inside."""
+    ids = tok.engine.tokenize(rng.choice(docs), add_special=True)
+    start = rng.randrange(0, max(1, len(ids) - PROSE_MAX_TOKENS // 2)) if rng.random() < 0.5 else 0
+    return tuple(ids[start:start + PROSE_MAX_TOKENS])
+
+
+def text_examples(tok: EpisodeTokenizer, docs: Sequence[str], n: int, seed: int) -> list[Example]:
+    """Prose windows as run 1 only (run 2 is one token), for ``dev.text_probe``, which reads run 1 alone."""
+    rng = random.Random(f"deltamem-edge/text/{seed}")
+    out = []
+    for _ in range(n if docs else 0):
+        window = _prose_window(tok, docs, rng)
+        out.append(Example(TokenEpisode(window, window[:1], (False,), window[:1], "text"), (0, 0)))
     return out
 
 

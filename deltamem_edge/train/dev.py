@@ -9,6 +9,11 @@ value: what a prior over values alone would score), and how often the value's
 tokens are all the model's top-1 choice with its own state, and in how many
 episodes the value is likelier with the own state than with an empty one (what a
 restart from the memory file gives over a fresh memory).
+
+``text_probe`` is the other half: what the memory costs on ordinary text.  It
+compares run 1's next-token loss with the memory on and off, the setting of the
+perplexity check, on ``facts.dev_text`` prose: text neither the training nor the
+check reads (the training prose misled: see docs/training.md, v3).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from .data import Example, collate
-from .loop import episode_loss
+from .loop import episode_loss, written_text_nll
 from .model import DeltaMemModel
 
 
@@ -53,3 +58,21 @@ def recall_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int =
     rows = len(examples)
     return {"value_logp_own": own_lp / max(n, 1), "value_logp_other": other_lp / max(n, 1),
             "value_top1": hits / max(rows, 1), "better_than_empty": better / max(facts, 1)}
+
+
+@torch.no_grad()
+def text_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int = 16,
+               bf16: bool = False) -> dict[str, float]:
+    """Mean run-1 next-token loss with the memory and without it (nats per token), and the ratio of their exps."""
+    bare = DeltaMemModel(model.base, None)
+    with_mem, without, chunks = 0.0, 0.0, 0
+    for start in range(0, len(examples), batch):
+        b = collate(list(examples[start:start + batch]))
+        pos = torch.arange(b.write_ids.shape[1]).expand(b.write_ids.shape[0], -1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with_mem += float(written_text_nll(model, model(b.write_ids, pos, b.write_mask)[0], b))
+            without += float(written_text_nll(bare, bare(b.write_ids, pos, b.write_mask)[0], b))
+        chunks += 1
+    n = max(chunks, 1)
+    return {"text_nll": with_mem / n, "text_nll_base": without / n,
+            "text_ppl_ratio": float(torch.tensor(with_mem / n - without / n).exp())}

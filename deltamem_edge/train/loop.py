@@ -55,6 +55,7 @@ class TrainConfig:
     addressing_weight: float = 0.0  # write-gate BCE: open on told values, shut elsewhere (addressing.beta_loss)
     key_weight: float = 0.0  # answer queries meet the asked value's keys (addressing.key_loss)
     beta_lr_mult: float = 1.0  # learning-rate factor of the write-gate weights
+    lm_weight: float = 0.0  # next-token loss on run 1 while it is written: the memory must not hurt ordinary text
     checkpoint_every: int = 25
     bf16: bool | None = None  # backbone matmuls in bfloat16 (δ-mem weights and scan stay f32); None: native_bf16()
 
@@ -114,10 +115,22 @@ def _answer_logp(model: DeltaMemModel, batch: Batch, state: torch.Tensor,
     return logp.gather(1, batch.targets[:, None])[:, 0], logp.max(-1).values
 
 
+def written_text_nll(model: DeltaMemModel, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean next-token NLL of run 1 from its own hidden states (each token read the state before it).
+
+    Why: this is the setting of the perplexity check and of any long conversation, a text
+    read while it is written.  The answer loss never sees it, and without it the read-out
+    of the text's own writes raised perplexity by 64-164 % (docs/training.md).
+    """
+    nxt = batch.write_mask[:, 1:]
+    h = hidden[:, :-1][nxt]
+    return F.cross_entropy(model.logits(h).float(), batch.write_ids[:, 1:][nxt])
+
+
 def episode_loss(model: DeltaMemModel, batch: Batch, value_weight: float = 1.0,
                  state: torch.Tensor | None = None, contrast_weight: float = 0.0,
                  contrast_margin: float = 1.0, addressing_weight: float = 0.0,
-                 key_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 key_weight: float = 0.0, lm_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy of run 2's answers after run 1 wrote the state (or from ``state`` when given).
 
     With ``contrast_weight`` > 0, run 2 is also run from another row's state (the batch
@@ -126,7 +139,8 @@ def episode_loss(model: DeltaMemModel, batch: Batch, value_weight: float = 1.0,
     the loss then rewards exactly what a prior over values cannot give.
 
     ``addressing_weight`` and ``key_weight`` add the supervised-addressing terms of
-    ``addressing.py`` (they need run 1, so only when ``state`` is not given).
+    ``addressing.py``, and ``lm_weight`` the next-token loss of run 1 itself
+    (``written_text_nll``); all three need run 1, so only when ``state`` is not given.
 
     Returns (loss, per-target details: log-probs, best log-probs, value mask, the state,
     and the addressing statistics when those terms are on).
@@ -135,18 +149,24 @@ def episode_loss(model: DeltaMemModel, batch: Batch, value_weight: float = 1.0,
     addressing = state is None and (addressing_weight > 0 or key_weight > 0)
     trace1: list | None = [] if addressing else None
     trace2: list | None = [] if addressing else None
+    stats: dict[str, torch.Tensor] = {}
+    lm: torch.Tensor | None = None
     if state is None:
         pos = torch.arange(batch.write_ids.shape[1]).expand(B, -1)
-        _, state = model(batch.write_ids, pos, batch.write_mask, trace=trace1)
+        hidden1, state = model(batch.write_ids, pos, batch.write_mask, trace=trace1)
+        if lm_weight > 0:
+            lm = written_text_nll(model, hidden1, batch)
+            stats["text_nll"] = lm.detach()
     tok_logp, top = _answer_logp(model, batch, state, trace2)
     weights = 1.0 + (value_weight - 1.0) * batch.value_mask.float()
     loss = -(tok_logp * weights).sum() / weights.sum()
-    stats: dict[str, torch.Tensor] = {}
+    if lm is not None:
+        loss = loss + lm_weight * lm
     if addressing:
         lb, beta_on, beta_off = beta_loss(trace1, trace2, batch.value_of >= 0, batch.write_mask, batch.read_writes)
         lk, cos = key_loss(trace1, trace2, batch.value_of, batch.asked, batch.answer_positions())
         loss = loss + addressing_weight * lb + key_weight * lk
-        stats = {"beta_on": torch.tensor(beta_on), "beta_off": torch.tensor(beta_off), "key_cos": torch.tensor(cos)}
+        stats |= {"beta_on": torch.tensor(beta_on), "beta_off": torch.tensor(beta_off), "key_cos": torch.tensor(cos)}
     if contrast_weight > 0 and B > 1 and batch.value_mask.any():
         other_logp, _ = _answer_logp(model, batch, state.roll(1, dims=0))
         gap = (tok_logp - other_logp)[batch.value_mask]
@@ -212,7 +232,8 @@ def train(model: DeltaMemModel, examples: Sequence[Example], cfg: TrainConfig, o
             batch = collate([pools[pool][i] for pool, i in order[step]])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss, info = episode_loss(model, batch, cfg.value_weight, contrast_weight=cfg.contrast_weight,
-                                          addressing_weight=cfg.addressing_weight, key_weight=cfg.key_weight)
+                                          addressing_weight=cfg.addressing_weight, key_weight=cfg.key_weight,
+                                          lm_weight=cfg.lm_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             with deferred_interrupts():  # the weights and the step count move together
@@ -223,7 +244,7 @@ def train(model: DeltaMemModel, examples: Sequence[Example], cfg: TrainConfig, o
             elapsed = time.perf_counter() - t_run
             rec = {"step": step + 1, "loss": float(loss.detach()), "lr": lr_at(step, cfg), "grad_norm": grad_norm,
                    "tokens_per_s": tokens_run / elapsed,
-                   **{k: float(info[k]) for k in ("beta_on", "beta_off", "key_cos") if k in info}}
+                   **{k: float(info[k]) for k in ("beta_on", "beta_off", "key_cos", "text_nll") if k in info}}
             if evaluate is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
                 rec["eval"] = evaluate(step + 1)
             history.append(rec)

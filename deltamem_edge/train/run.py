@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 
 from ..engine import Engine
-from ..recall.facts import make_episodes
-from .data import build_mix, fact_examples
-from .dev import recall_probe
+from ..recall.facts import dev_text, make_episodes
+from .data import build_mix, fact_examples, text_examples
+from .dev import recall_probe, text_probe
 from .export import export_gguf
 from .loop import TrainConfig, curriculum_steps, resolved, train
 from .model import DeltaMem, DeltaMemModel, FrozenBase
 
 LOG_NAME = "train_log.json"
+TEXT_PROBE_WINDOWS = 32  # dev prose windows (facts.dev_text) the dev probe reads with the memory on and off
 
 
 def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: int | None = None,
@@ -46,6 +47,7 @@ def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: i
         examples, tok = build_mix(engine, cfg.n_fact_episodes, cfg.n_generic_episodes, cfg.seed,
                                   cfg.facts_per_memory, n_prose=cfg.n_prose_episodes)
         dev = fact_examples(tok, make_episodes("dev", dev_episodes, cfg.seed, n_facts=1))
+        prose = text_examples(tok, dev_text(), TEXT_PROBE_WINDOWS, cfg.seed)  # prose the training never reads
         small: list = []
         if curriculum_steps(cfg):
             n_small = min(cfg.n_fact_episodes, curriculum_steps(cfg) * cfg.batch)
@@ -63,11 +65,15 @@ def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: i
         bar.set_postfix(loss=f"{p.loss:.3f}", tok_s=f"{p.tokens_per_s:.0f}")
         bar.refresh()
 
+
     def evaluate(step: int) -> dict:
         probe = recall_probe(model, dev, bf16=bool(cfg.bf16))
+        if prose:
+            probe |= text_probe(model, prose, bf16=bool(cfg.bf16))
         bar.write(f"step {step}: dev value log-prob own {probe['value_logp_own']:.2f} "
                   f"other {probe['value_logp_other']:.2f}, value top-1 {probe['value_top1']:.0%}, "
-                  f"likelier than with an empty memory {probe['better_than_empty']:.0%}")
+                  f"likelier than with an empty memory {probe['better_than_empty']:.0%}"
+                  + (f"; dev prose perplexity ×{probe['text_ppl_ratio']:.3f} of the base" if prose else ""))
         return probe
 
     try:
