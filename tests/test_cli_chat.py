@@ -128,3 +128,23 @@ def test_errors_are_one_line_with_a_hint(setup, tmp_path):
     assert lines[-2].startswith("error: ") and str(bad) in lines[-2]
     assert lines[-1].startswith("hint: ")
     assert bad.read_bytes() == b"DMEMSTAT" + b"\0" * 40  # untouched
+
+
+def test_banner_names_the_adapter_in_use_with_the_embedded_model(setup, tmp_path):
+    """No --model: the banner names our default adapter by its label, and a user's own --adapter by its path."""
+    from deltamem_edge import defaults
+
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "xdg"), PYTHONUNBUFFERED="1")
+    banners = {}
+    for name, extra in (("default", []), ("own", ["--adapter", str(setup["adapter"])])):
+        child = pexpect.spawn(sys.executable, ["-m", "deltamem_edge", "chat", "--memory", "none", *extra],
+                              env=env, encoding="utf-8", timeout=240, dimensions=(40, 400))
+        child.expect_exact("type /help for commands")
+        banners[name] = child.before
+        child.expect_exact(PROMPT)
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    default_label = defaults.default_adapter_label(defaults.default_adapter_path())
+    assert "embedded default model" in banners["default"] and f"adapter: {default_label}" in banners["default"]
+    assert "embedded default model" in banners["own"] and f"adapter: {setup['adapter']}" in banners["own"]
+    assert default_label not in banners["own"]
