@@ -36,7 +36,7 @@ class ChatTemplate:
         bos, eos = tok_text("tokenizer.ggml.bos_token_id"), tok_text("tokenizer.ggml.eos_token_id")
         self._gen = Jinja2ChatFormatter(source, eos, bos, add_generation_prompt=True)
         self._plain = Jinja2ChatFormatter(source, eos, bos, add_generation_prompt=False)
-        self._default_system: tuple[str | None] | None = None  # default_system(), once found
+        self._default_system = self._find_default_system()  # every user asks for it at once
 
     def render(self, messages: list[Message], *, generation_prompt: bool) -> str:
         if not messages:
@@ -61,12 +61,10 @@ class ChatTemplate:
         an explicit system message so that it is written into memory once, not once per run, and
         so that evicting old turns never cuts it.
 
-        Found once per template and kept (``set_context`` asks for it with every request): it
+        Found once, when the template is loaded (``set_context`` asks for it with every request): it
         depends on the template alone (a template that prints today's date keeps the first day's).
         """
-        if self._default_system is None:
-            self._default_system = (self._find_default_system(),)
-        return self._default_system[0]
+        return self._default_system
 
     def _find_default_system(self) -> str | None:
         marker = "\x00"

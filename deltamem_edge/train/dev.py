@@ -18,6 +18,7 @@ check reads (the training prose misled: see docs/training.md, v3).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -61,18 +62,27 @@ def recall_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int =
 
 
 @torch.no_grad()
-def text_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int = 16,
-               bf16: bool = False) -> dict[str, float]:
-    """Mean run-1 next-token loss with the memory and without it (nats per token), and the ratio of their exps."""
-    bare = DeltaMemModel(model.base, None)
-    with_mem, without, chunks = 0.0, 0.0, 0
+def text_nll(model: DeltaMemModel, examples: Sequence[Example], batch: int = 16, bf16: bool = False) -> float:
+    """Run 1's next-token loss over ``examples`` (nats per predicted token, pooled over every window)."""
+    total, tokens = 0.0, 0
     for start in range(0, len(examples), batch):
         b = collate(list(examples[start:start + batch]))
         pos = torch.arange(b.write_ids.shape[1]).expand(b.write_ids.shape[0], -1)
+        n = int(b.write_mask[:, 1:].sum())
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            with_mem += float(written_text_nll(model, model(b.write_ids, pos, b.write_mask)[0], b))
-            without += float(written_text_nll(bare, bare(b.write_ids, pos, b.write_mask)[0], b))
-        chunks += 1
-    n = max(chunks, 1)
-    return {"text_nll": with_mem / n, "text_nll_base": without / n,
-            "text_ppl_ratio": float(torch.tensor(with_mem / n - without / n).exp())}
+            total += float(written_text_nll(model, model(b.write_ids, pos, b.write_mask)[0], b)) * n
+        tokens += n
+    return total / max(tokens, 1)
+
+
+def text_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int = 16, bf16: bool = False,
+               base_nll: float | None = None) -> dict[str, float]:
+    """Run 1's loss with the memory and without it (nats per token), and the ratio of their perplexities.
+
+    ``base_nll``: ``text_nll`` of the bare base on the same examples, when the caller has it
+    (the base is frozen, so a training run computes it once, not at every probe).
+    """
+    if base_nll is None:
+        base_nll = text_nll(DeltaMemModel(model.base, None), examples, batch, bf16)
+    with_mem = text_nll(model, examples, batch, bf16)
+    return {"text_nll": with_mem, "text_nll_base": base_nll, "text_ppl_ratio": math.exp(with_mem - base_nll)}

@@ -24,15 +24,21 @@ from ..engine import Engine
 from ..recall.facts import Episode
 
 
-def token_span(encode: Callable[[str], list[int]], text: str, start: int, end: int) -> tuple[int, int]:
+def token_span(encode: Callable[[str], list[int]], text: str, start: int, end: int,
+               within: list[int] | None = None) -> tuple[int, int] | None:
     """Token range of ``text[start:end]`` inside ``encode(text)``.
 
     A span starts at the token after the text before it, with trailing spaces dropped:
     BPE tokenizers merge a leading space into the span's first token.  It covers at
-    least one token.
+    least one token.  With ``within`` (the ids of the whole text), None when the text up
+    to either end does not tokenize to a prefix of it (a merge across the boundary).
     """
-    first = len(encode(text[:start].rstrip(" ")))
-    return first, max(first + 1, len(encode(text[:end])))
+    head, upto = encode(text[:start].rstrip(" ")), encode(text[:end])
+    first = len(head)
+    last = max(first + 1, len(upto))
+    if within is not None and (within[:first] != head or within[:last] != upto):
+        return None
+    return first, last
 
 
 @dataclass(frozen=True)
@@ -98,9 +104,9 @@ class EpisodeTokenizer:
             start = 0
             while value and (i := text.find(value, start)) >= 0:
                 start = i + len(value)
-                a, b = token_span(self._ids, text, i, start)
-                if full[:a] == self._ids(text[:i].rstrip(" ")) and full[:b] == self._ids(text[:start]):
-                    found.update(range(a, b))
+                span = token_span(self._ids, text, i, start, within=full)
+                if span is not None:
+                    found.update(range(*span))
             out.append(tuple(sorted(found)))
         return tuple(out)
 

@@ -21,7 +21,7 @@ import torch
 from ..engine import Engine
 from ..recall.facts import dev_text, make_episodes
 from .data import build_mix, fact_examples, text_examples
-from .dev import recall_probe, text_probe
+from .dev import recall_probe, text_nll, text_probe
 from .export import export_gguf
 from .loop import TrainConfig, curriculum_steps, resolved, train
 from .model import DeltaMem, DeltaMemModel, FrozenBase
@@ -65,11 +65,12 @@ def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: i
         bar.set_postfix(loss=f"{p.loss:.3f}", tok_s=f"{p.tokens_per_s:.0f}")
         bar.refresh()
 
+    base_text_nll = text_nll(DeltaMemModel(base, None), prose, bf16=bool(cfg.bf16))
 
     def evaluate(step: int) -> dict:
         probe = recall_probe(model, dev, bf16=bool(cfg.bf16))
         if prose:
-            probe |= text_probe(model, prose, bf16=bool(cfg.bf16))
+            probe |= text_probe(model, prose, bf16=bool(cfg.bf16), base_nll=base_text_nll)
         bar.write(f"step {step}: dev value log-prob own {probe['value_logp_own']:.2f} "
                   f"other {probe['value_logp_other']:.2f}, value top-1 {probe['value_top1']:.0%}, "
                   f"likelier than with an empty memory {probe['better_than_empty']:.0%}"
