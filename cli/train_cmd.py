@@ -32,6 +32,10 @@ def train(
     episodes: int = typer.Option(None, "--episodes", help="Fact episodes in the training set."),
     generic: int = typer.Option(None, "--generic", help="General-behaviour episodes (the base model's own answers)."),
     prose: int = typer.Option(None, "--prose", help="Episodes that write ordinary prose into the state (the gate learns to stay shut)."),
+    in_context: int = typer.Option(None, "--in-context",
+                                   help="Episodes that ask the question in the told conversation itself (reads must not spoil copying from the context)."),
+    prose_read: int = typer.Option(None, "--prose-read",
+                                   help="Episodes that read prose from a state another conversation wrote (next-token loss, weighed by --lm-weight)."),
     update: str = typer.Option(None, "--update", help="State update: standard (λ = 1 − β) or no_lambda (plain delta rule)."),
     precision: str = typer.Option("auto", "--precision",
                                   help="Backbone matmuls: bf16, f32, or auto (bf16 only where the CPU has native bf16)."),
@@ -79,7 +83,7 @@ def train(
         "steps": steps, "batch": batch, "lr": lr, "seed": seed, "n_fact_episodes": episodes,
         "n_generic_episodes": generic, "n_prose_episodes": prose, "contrast_weight": contrast, "facts_per_memory": facts_per_memory(facts, "--facts") if facts else None,
         "value_weight": value_weight, "addressing_weight": addressing, "key_weight": key_weight, "beta_lr_mult": beta_lr_mult,
-        "lm_weight": lm_weight,
+        "lm_weight": lm_weight, "n_in_context_episodes": in_context, "n_prose_read_episodes": prose_read,
     }.items() if v is not None}
     precisions = {"auto": None, "bf16": True, "f32": False}
     if precision not in precisions:
@@ -90,6 +94,9 @@ def train(
     if update is not None and update not in UPDATE_MODES:
         raise typer.BadParameter(f"{update!r}: choose {' or '.join(UPDATE_MODES)}", param_hint="--update")
     cfg = resolved(dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, **spec_changes), **changes))
+    if cfg.n_prose_read_episodes and cfg.lm_weight <= 0:
+        raise typer.BadParameter("prose-read episodes are trained by the next-token loss; give --lm-weight > 0",
+                                 param_hint="--prose-read")
     if out is None:
         from .chat import data_dir
 

@@ -423,3 +423,90 @@ def test_text_loss_term_keeps_written_text_as_the_base_reads_it(tiny: dict[str, 
         harm[weight] = after["text_nll"] - after["text_nll_base"]
         assert ("text_nll" in history[-1]) == (weight > 0)
     assert harm[1.0] < 0.5 * harm[0.0], harm
+
+
+def _logsoftmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits - (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))
+
+
+def test_question_in_the_told_run_continues_its_context(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """An in-context row attends to its run 1 and continues its positions and state, as one conversation.
+
+    The reference is one numpy session fed run 1 then the question and answer; a second row
+    of the same batch, asked in a new run, must still read as a new run (empty KV, positions
+    from 0), and a shorter run 1 checks that its pads are not attended to.
+    """
+    base = FrozenBase(tiny["llama"])
+    mem = randomized(DeltaMem(base, DeltaMemSpec(rank=4, state_heads=2, delta_heads=("q", "k", "v", "o"))), 21)
+    gguf_path = export_gguf(mem, base, tmp_path / "a.dmem.gguf", outtype="f32")
+    ref = RefModel(tiny["llama"])
+    adapter = RefAdapter(gguf_path, ref)
+    short = RUN1[:6]
+    answer = [60, 12]
+    question = [3, 4, 8]
+    ids = question + answer
+    targets = (*answer, 9)
+    ctx = Example(TokenEpisode(tuple(short), tuple(ids), (True,) * len(ids), targets, in_context=True), (0, 0))
+    new_run = Example(TokenEpisode(tuple(RUN1), tuple(RUN2), tuple(RUN2_WRITES), (RUN2[-1],)), (0, 0))
+    from deltamem_edge.train.data import collate
+
+    batch = collate([ctx, new_run])
+    model = DeltaMemModel(base.double(), mem.double())
+    with torch.no_grad():
+        _, info = episode_loss(model, batch)
+    got = info["logp"].numpy()
+
+    s = ref.session(adapter)
+    s.feed(short)
+    lp = _logsoftmax(s.feed(ids))  # the same context: KV cache and positions go on
+    n = len(targets)
+    want_ctx = lp[len(ids) - n + np.arange(n), list(targets)]
+    assert got[:n] == pytest.approx(want_ctx, rel=1e-6)  # the log-softmax is taken in float32
+    _, _, run2_logits, _ = _ref_two_runs(ref, adapter)
+    assert got[n] == pytest.approx(_logsoftmax(run2_logits)[len(RUN2) - 1, RUN2[-1]], rel=1e-6)
+
+    told = ref.session(adapter)
+    told.feed(short)
+    fresh = ref.session(adapter)  # the same question in a new run on that state reads differently
+    fresh.set_state(told.state())
+    assert abs(_logsoftmax(fresh.feed(ids))[len(ids) - n, targets[0]] - want_ctx[0]) > 1e-3
+
+
+def test_prose_read_from_a_told_state_is_a_next_token_loss(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Prose after a told run: every run-2 token predicts the next, from the told state, out of the answer mean."""
+    from deltamem_edge.train.data import collate
+    from deltamem_edge.train.dev import read_text_nll
+
+    base = FrozenBase(tiny["llama"])
+    mem = randomized(DeltaMem(base, DeltaMemSpec(rank=4, state_heads=1)), 22)
+    gguf_path = export_gguf(mem, base, tmp_path / "a.dmem.gguf", outtype="f32")
+    ref = RefModel(tiny["llama"])
+    adapter = RefAdapter(gguf_path, ref)
+    window = [1, 40, 41, 42, 7, 8, 90]
+    prose = Example(TokenEpisode(tuple(RUN1), tuple(window[:-1]), (True,) * (len(window) - 1), tuple(window[1:]),
+                                 "prose-read"), (0, 0), text=True)
+    answer = Example(TokenEpisode(tuple(RUN1), tuple(RUN2), tuple(RUN2_WRITES), (RUN2[-1],)), (0, 0))
+    model = DeltaMemModel(base.double(), mem.double())
+    got = read_text_nll(model, [prose, answer])
+
+    told = ref.session(adapter)
+    told.feed(RUN1)
+    s = ref.session(adapter)
+    s.set_state(told.state())
+    lp = _logsoftmax(s.feed(window[:-1]))
+    want = -float(lp[np.arange(len(window) - 1), window[1:]].mean())
+    assert got == pytest.approx(want, rel=1e-6)
+
+    batch = collate([prose, answer])
+    assert batch.text_target.tolist() == [True] * (len(window) - 1) + [False]
+    with torch.no_grad():
+        loss_answer_only, info = episode_loss(model, batch)
+        loss_with_text, _ = episode_loss(model, batch, lm_weight=0.5)
+    answer_nll = -float(info["logp"][~batch.text_target].mean())
+    assert float(loss_answer_only) == pytest.approx(answer_nll, rel=1e-9)  # text targets stay out of the answer mean
+    with torch.no_grad():
+        hidden1 = model(batch.write_ids, torch.arange(len(RUN1)).expand(2, -1), batch.write_mask)[0]
+        written = float(written_text_nll(model, hidden1, batch))
+    assert float(loss_with_text) == pytest.approx(answer_nll + 0.5 * (written + want), rel=1e-6)

@@ -55,6 +55,25 @@ def test_two_runs_match_the_runtime(engine: Engine, tmp_path: Path) -> None:
     assert engine.is_eog(targets[-1])
 
 
+def test_question_in_the_told_run_matches_one_conversation(engine: Engine) -> None:
+    """An in-context episode's run 2 is what ``Conversation`` feeds and writes for the next turn."""
+    tok = EpisodeTokenizer(engine)
+    ep = make_episodes("train", 1, 6, n_facts=2, chit_chat=1.0)[0]
+    with Conversation(engine, sampling=SamplingParams(temp=0.0), max_new_tokens=0) as conv:
+        for message in ep.tell:
+            conv.say(message)
+        written_before = conv.tokens_written
+        conv.say(ep.probe.question)
+        kv, written = list(conv._kv), conv.tokens_written - written_before
+    te = tok.episode(ep, replies=("",) * len(ep.tell), in_context=True)
+    assert te.in_context and te.asked == ep.facts.index(ep.probe)
+    n_prompt = len(te.read_ids) - (len(te.targets) - 1)  # question + answer tokens
+    assert kv[:len(te.write_ids)] == list(te.write_ids)
+    assert kv[len(te.write_ids):len(te.write_ids) + n_prompt] == list(te.read_ids[:n_prompt])
+    assert kv[len(te.write_ids) + n_prompt] == te.targets[-1]
+    assert all(te.read_writes) and written == len(kv) - len(te.write_ids)
+
+
 def test_value_positions_spell_every_told_value(engine: Engine) -> None:
     """The run-1 tokens the write-gate loss opens on are the value's tokens, at every place it is said."""
     tok = EpisodeTokenizer(engine)

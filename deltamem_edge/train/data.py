@@ -45,10 +45,16 @@ def value_span(tok: EpisodeTokenizer, answer: str, value: str) -> tuple[int, int
 class Example:
     ep: TokenEpisode
     value: tuple[int, int]  # value token span within targets ((0, 0) = none: a generic example)
+    text: bool = False  # the targets are plain text's next tokens (a next-token loss), not an answer
 
 
 def fact_examples(tok: EpisodeTokenizer, episodes: Sequence[Episode]) -> list[Example]:
     return [Example(tok.episode(e), value_span(tok, e.probe.answer, e.probe.value)) for e in episodes]
+
+
+def in_context_examples(tok: EpisodeTokenizer, episodes: Sequence[Episode]) -> list[Example]:
+    """The question asked in the told run itself: the answer can be copied from the context."""
+    return [Example(tok.episode(e, in_context=True), value_span(tok, e.probe.answer, e.probe.value)) for e in episodes]
 
 
 def generic_examples(tok: EpisodeTokenizer, n: int, seed: int, answers: dict[str, str]) -> list[Example]:
@@ -89,11 +95,36 @@ def prose_examples(tok: EpisodeTokenizer, n: int, seed: int, answers: dict[str, 
     return out
 
 
-def _prose_window(tok: EpisodeTokenizer, docs: Sequence[str], rng: random.Random) -> tuple[int, ...]:
-    """A plain-document window (BOS, no template) of at most PROSE_MAX_TOKENS: half from the start, half inside."""
+PROSE_READ_MAX_TOKENS = 48  # about run 2 of a fact episode: a longer window would pad every batch's run 2
+
+
+def prose_read_examples(tok: EpisodeTokenizer, episodes: Sequence[Episode], seed: int,
+                        docs: Sequence[str] | None = None, max_tokens: int = PROSE_READ_MAX_TOKENS) -> list[Example]:
+    """Facts told in run 1, then a new run that reads plain prose on that state: next-token targets.
+
+    Why: the perplexity check also reads text from a state that *another* conversation
+    wrote, and v3 (trained only on text read from an empty state) lost +120 % there
+    (docs/training.md).  Run 2 is a plain document window (BOS, no template), every token
+    written as the check feeds it, and each token's target is the next one.
+    """
+    rng = random.Random(f"deltamem-edge/prose-read/{seed}")
+    docs = training_text() if docs is None else docs
+    out = []
+    for e in episodes if docs else ():
+        told = tok.episode(e)
+        window = _prose_window(tok, docs, rng, max_tokens)
+        ep = TokenEpisode(told.write_ids, window[:-1], (True,) * (len(window) - 1), window[1:], "prose-read",
+                          told.value_positions, -1)
+        out.append(Example(ep, (0, 0), text=True))
+    return out
+
+
+def _prose_window(tok: EpisodeTokenizer, docs: Sequence[str], rng: random.Random,
+                  max_tokens: int = PROSE_MAX_TOKENS) -> tuple[int, ...]:
+    """A plain-document window (BOS, no template) of at most ``max_tokens``: half from the start, half inside."""
     ids = tok.engine.tokenize(rng.choice(docs), add_special=True)
-    start = rng.randrange(0, max(1, len(ids) - PROSE_MAX_TOKENS // 2)) if rng.random() < 0.5 else 0
-    return tuple(ids[start:start + PROSE_MAX_TOKENS])
+    start = rng.randrange(0, max(1, len(ids) - max_tokens // 2)) if rng.random() < 0.5 else 0
+    return tuple(ids[start:start + max_tokens])
 
 
 def text_examples(tok: EpisodeTokenizer, docs: Sequence[str], n: int, seed: int) -> list[Example]:
@@ -107,11 +138,20 @@ def text_examples(tok: EpisodeTokenizer, docs: Sequence[str], n: int, seed: int)
 
 
 def build_mix(engine: Engine, n_fact: int, n_generic: int, seed: int, n_facts: tuple[int, ...],
-              split: str = "train", value_limit: int = 0, n_prose: int = 0) -> tuple[list[Example], EpisodeTokenizer]:
-    """Fact episodes (values from at most ``value_limit`` per kind when > 0) plus generic and prose ones."""
+              split: str = "train", value_limit: int = 0, n_prose: int = 0, n_in_context: int = 0,
+              n_prose_read: int = 0) -> tuple[list[Example], EpisodeTokenizer]:
+    """Fact episodes (values from at most ``value_limit`` per kind when > 0) plus generic and prose ones.
+
+    ``n_in_context`` and ``n_prose_read`` draw their own fact episodes (other seeds), so
+    adding them leaves the other examples as they were.
+    """
     tok = EpisodeTokenizer(engine)
     episodes = make_episodes(split, n_fact, seed + 104729 * value_limit, n_facts=n_facts, value_limit=value_limit)
     examples = fact_examples(tok, episodes)
+    if n_in_context:
+        examples += in_context_examples(tok, make_episodes(split, n_in_context, seed + 15485863, n_facts=n_facts))
+    if n_prose_read:
+        examples += prose_read_examples(tok, make_episodes(split, n_prose_read, seed + 32452843, n_facts=n_facts), seed)
     if n_generic or n_prose:
         answers = base_answers(engine, generic_prompts("train"))
         examples += generic_examples(tok, n_generic, seed, answers)
@@ -134,6 +174,8 @@ class Batch:
     n_tokens: int  # real tokens fed (run 1 + run 2)
     value_of: torch.Tensor  # [B, Tw] long: which told fact's value a run-1 token spells (-1: none)
     asked: torch.Tensor  # [B] long: the told fact run 2 asks about (-1: none)
+    in_context: torch.Tensor  # [B] bool: run 2 continues run 1's context (attends to it, positions go on)
+    text_target: torch.Tensor  # [N] bool: a plain-text next-token target (Example.text), not an answer
 
     def answer_positions(self) -> torch.Tensor:
         """[B, Tr] bool: the run-2 positions whose logits predict a target."""
@@ -152,7 +194,8 @@ def collate(examples: Sequence[Example]) -> Batch:
     read_writes = torch.zeros(B, tr, dtype=torch.bool)
     value_of = torch.full((B, tw), -1, dtype=torch.long)
     asked = torch.tensor([e.ep.asked for e in examples], dtype=torch.long)
-    rows, pos, tgt, val = [], [], [], []
+    in_context = torch.tensor([e.ep.in_context for e in examples], dtype=torch.bool)
+    rows, pos, tgt, val, text = [], [], [], [], []
     for b, e in enumerate(examples):
         for j, where in enumerate(e.ep.value_positions):
             value_of[b, list(where)] = j
@@ -167,6 +210,8 @@ def collate(examples: Sequence[Example]) -> Batch:
             pos.append(first + j)
             tgt.append(t)
             val.append(e.value[0] <= j < e.value[1])
+            text.append(e.text)
     n = sum(len(e.ep.write_ids) + len(e.ep.read_ids) for e in examples)
     return Batch(write_ids, write_mask, read_ids, read_writes, torch.tensor(rows), torch.tensor(pos),
-                 torch.tensor(tgt), torch.tensor(val), n, value_of, asked)
+                 torch.tensor(tgt), torch.tensor(val), n, value_of, asked, in_context,
+                 torch.tensor(text, dtype=torch.bool))

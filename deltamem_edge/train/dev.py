@@ -13,7 +13,10 @@ restart from the memory file gives over a fresh memory).
 ``text_probe`` is the other half: what the memory costs on ordinary text.  It
 compares run 1's next-token loss with the memory on and off, the setting of the
 perplexity check, on ``facts.dev_text`` prose: text neither the training nor the
-check reads (the training prose misled: see docs/training.md, v3).
+check reads (the training prose misled: see docs/training.md, v3).  ``read_text_nll``
+measures the same from a state another conversation wrote (dev facts told first),
+and ``in_context_probe`` the question asked in the told run itself, where the model
+can copy the value from its context: the two settings v3 lost (docs/training.md).
 """
 
 from __future__ import annotations
@@ -86,3 +89,38 @@ def text_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int = 1
         base_nll = text_nll(DeltaMemModel(model.base, None), examples, batch, bf16)
     with_mem = text_nll(model, examples, batch, bf16)
     return {"text_nll": with_mem, "text_nll_base": base_nll, "text_ppl_ratio": math.exp(with_mem - base_nll)}
+
+
+@torch.no_grad()
+def read_text_nll(model: DeltaMemModel, examples: Sequence[Example], batch: int = 16, bf16: bool = False) -> float:
+    """Run 2's next-token loss on plain-text targets (``Example.text``), pooled; for the bare base too."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch):
+        b = collate(list(examples[start:start + batch]))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, info = episode_loss(model, b)
+        sel = b.text_target
+        total -= float(info["logp"][sel].sum())
+        tokens += int(sel.sum())
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def in_context_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int = 32,
+                     bf16: bool = False) -> dict[str, float]:
+    """The value asked in the told run itself: mean log-prob of its tokens, and the share all top-1."""
+    lp, n, hits, rows = 0.0, 0, 0, 0
+    for start in range(0, len(examples), batch):
+        b = collate(list(examples[start:start + batch]))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, info = episode_loss(model, b)
+        value = b.value_mask
+        lp += float(info["logp"][value].sum())
+        n += int(value.sum())
+        hit = info["logp"] >= info["top"] - 1e-6
+        for row in range(b.read_ids.shape[0]):
+            sel = value & (b.target_rows == row)
+            if sel.any():
+                hits += int(hit[sel].all())
+                rows += 1
+    return {"in_context_logp": lp / max(n, 1), "in_context_top1": hits / max(rows, 1)}

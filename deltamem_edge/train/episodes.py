@@ -52,6 +52,7 @@ class TokenEpisode:
     kind: str = ""
     value_positions: tuple[tuple[int, ...], ...] = ()  # per told fact: its value's run-1 token indices
     asked: int = -1  # which told fact run 2 asks about (-1: none, e.g. a general-behaviour example)
+    in_context: bool = False  # run 2 continues run 1's context (its KV cache and positions), not a new run
 
 
 class EpisodeTokenizer:
@@ -123,12 +124,40 @@ class EpisodeTokenizer:
         writes = [False] * len(self._system_ids) + [True] * (len(question_ids) + len(answer_ids))
         return ids, writes, answer_ids + [self.end_of_turn]
 
+    def continued(self, tell: tuple[str, ...], replies: tuple[str, ...], question: str,
+                  answer: str) -> tuple[list[int], list[bool], list[int]]:
+        """(ids fed, write flags, targets) of the question asked *in the told run*, after run 1's tokens.
+
+        Why: this is the "history in context" case of one conversation, where the model
+        can copy the value from its own KV cache; the memory's reads must not get in its
+        way (v3 of docs/training.md fell from 27-32/60 to 7/60 there).  The ids are what
+        the template adds after run 1's text, every one written, as ``Conversation`` feeds
+        the next turn.
+        """
+        before = self._run1_text(tell, replies)
+        msgs = list(self._system_msgs)
+        for user, reply in zip(tell, replies, strict=True):
+            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        text = self.template.render([*msgs, {"role": "user", "content": question}], generation_prompt=True)
+        if not text.startswith(before):
+            raise ValueError("the chat template is not prefix-stable across turns")
+        question_ids = self._ids(text[len(before):])
+        answer_ids = self.engine.tokenize(answer, add_special=False, parse_special=False)
+        ids = question_ids + answer_ids
+        return ids, [True] * len(ids), answer_ids + [self.end_of_turn]
+
     def episode(self, ep: Episode, answer: str | None = None, question: str | None = None,
-                replies: tuple[str, ...] | None = None) -> TokenEpisode:
-        text = self._run1_text(ep.tell, replies if replies is not None else ep.acks)
+                replies: tuple[str, ...] | None = None, in_context: bool = False) -> TokenEpisode:
+        replies = replies if replies is not None else ep.acks
+        text = self._run1_text(ep.tell, replies)
         write_ids = self._ids(text)
-        ids, writes, targets = self.run2(question or ep.probe.question, answer or ep.probe.answer)
+        own_probe = question is None and answer is None
+        question, answer = question or ep.probe.question, answer or ep.probe.answer
+        if in_context:
+            ids, writes, targets = self.continued(ep.tell, replies, question, answer)
+        else:
+            ids, writes, targets = self.run2(question, answer)
         positions = self._value_positions(text, write_ids, tuple(f.value for f in ep.facts))
-        asked = ep.facts.index(ep.probe) if question is None and answer is None else -1
+        asked = ep.facts.index(ep.probe) if own_probe else -1
         return TokenEpisode(tuple(write_ids), tuple(ids), tuple(writes), tuple(targets), ep.probe.kind,
-                            positions, asked)
+                            positions, asked, in_context)

@@ -56,6 +56,8 @@ class TrainConfig:
     key_weight: float = 0.0  # answer queries meet the asked value's keys (addressing.key_loss)
     beta_lr_mult: float = 1.0  # learning-rate factor of the write-gate weights
     lm_weight: float = 0.0  # next-token loss on run 1 while it is written: the memory must not hurt ordinary text
+    n_in_context_episodes: int = 0  # the question asked in the told run itself (data.in_context_examples)
+    n_prose_read_episodes: int = 0  # prose read from a fact episode's state, next-token targets (weight lm_weight)
     checkpoint_every: int = 25
     bf16: bool | None = None  # backbone matmuls in bfloat16 (δ-mem weights and scan stay f32); None: native_bf16()
 
@@ -104,12 +106,20 @@ def batch_order(n: int, cfg: TrainConfig, steps: int | None = None, tag: str = "
     return [order[i * cfg.batch:(i + 1) * cfg.batch] for i in range(steps)]
 
 
-def _answer_logp(model: DeltaMemModel, batch: Batch, state: torch.Tensor,
-                 trace: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run 2 from ``state``: (log-prob of each target, best log-prob at each target position)."""
-    B = batch.read_ids.shape[0]
-    pos = torch.arange(batch.read_ids.shape[1]).expand(B, -1)
-    hidden, _ = model(batch.read_ids, pos, batch.read_writes, state, trace=trace)
+def _answer_logp(model: DeltaMemModel, batch: Batch, state: torch.Tensor, trace: list | None = None,
+                 past: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run 2 from ``state``: (log-prob of each target, best log-prob at each target position).
+
+    ``past``: run 1's keys and values (``DeltaMemModel.forward(kv_out=)``); the rows with
+    ``batch.in_context`` then attend to their run 1 and continue its positions.
+    """
+    B, T = batch.read_ids.shape
+    pos = torch.arange(T).expand(B, -1)
+    valid = None
+    if past is not None:
+        valid = batch.write_mask & batch.in_context[:, None]
+        pos = pos + valid.sum(1, keepdim=True)
+    hidden, _ = model(batch.read_ids, pos, batch.read_writes, state, trace=trace, past=past, past_valid=valid)
     h = hidden[batch.target_rows, batch.target_pos]
     logp = F.log_softmax(model.logits(h).float(), dim=-1)
     return logp.gather(1, batch.targets[:, None])[:, 0], logp.max(-1).values
@@ -141,6 +151,10 @@ def episode_loss(model: DeltaMemModel, batch: Batch, value_weight: float = 1.0,
     ``addressing_weight`` and ``key_weight`` add the supervised-addressing terms of
     ``addressing.py``, and ``lm_weight`` the next-token loss of run 1 itself
     (``written_text_nll``); all three need run 1, so only when ``state`` is not given.
+    ``lm_weight`` also weighs the run-2 targets that are plain text's next tokens
+    (``batch.text_target``: prose read from a state another conversation wrote), which are
+    kept out of the answer loss's mean.  Rows with ``batch.in_context`` ask their question
+    in run 1's context (attending to it), as one conversation does.
 
     Returns (loss, per-target details: log-probs, best log-probs, value mask, the state,
     and the addressing statistics when those terms are on).
@@ -151,28 +165,35 @@ def episode_loss(model: DeltaMemModel, batch: Batch, value_weight: float = 1.0,
     trace2: list | None = [] if addressing else None
     stats: dict[str, torch.Tensor] = {}
     lm: torch.Tensor | None = None
+    past: list | None = None
     if state is None:
         pos = torch.arange(batch.write_ids.shape[1]).expand(B, -1)
-        hidden1, state = model(batch.write_ids, pos, batch.write_mask, trace=trace1)
+        past = [] if bool(batch.in_context.any()) else None
+        hidden1, state = model(batch.write_ids, pos, batch.write_mask, trace=trace1, kv_out=past)
         if lm_weight > 0:
             lm = written_text_nll(model, hidden1, batch)
             stats["text_nll"] = lm.detach()
-    tok_logp, top = _answer_logp(model, batch, state, trace2)
-    weights = 1.0 + (value_weight - 1.0) * batch.value_mask.float()
-    loss = -(tok_logp * weights).sum() / weights.sum()
+    tok_logp, top = _answer_logp(model, batch, state, trace2, past=past)
+    answer = ~batch.text_target
+    weights = (1.0 + (value_weight - 1.0) * batch.value_mask.float()) * answer.float()
+    loss = -(tok_logp * weights).sum() / weights.sum().clamp(min=1.0)
     if lm is not None:
         loss = loss + lm_weight * lm
+    if lm_weight > 0 and bool(batch.text_target.any()):
+        read_text = -tok_logp[batch.text_target].mean()
+        loss = loss + lm_weight * read_text
+        stats["read_text_nll"] = read_text.detach()
     if addressing:
         lb, beta_on, beta_off = beta_loss(trace1, trace2, batch.value_of >= 0, batch.write_mask, batch.read_writes)
         lk, cos = key_loss(trace1, trace2, batch.value_of, batch.asked, batch.answer_positions())
         loss = loss + addressing_weight * lb + key_weight * lk
         stats |= {"beta_on": torch.tensor(beta_on), "beta_off": torch.tensor(beta_off), "key_cos": torch.tensor(cos)}
     if contrast_weight > 0 and B > 1 and batch.value_mask.any():
-        other_logp, _ = _answer_logp(model, batch, state.roll(1, dims=0))
+        other_logp, _ = _answer_logp(model, batch, state.roll(1, dims=0), past=past)
         gap = (tok_logp - other_logp)[batch.value_mask]
         loss = loss + contrast_weight * F.relu(contrast_margin - gap).mean()
     return loss, {"logp": tok_logp.detach(), "top": top.detach(), "value": batch.value_mask,
-                  "state": state.detach(), **stats}
+                  "state": None if state is None else state.detach(), **stats}
 
 
 @dataclass
@@ -244,7 +265,8 @@ def train(model: DeltaMemModel, examples: Sequence[Example], cfg: TrainConfig, o
             elapsed = time.perf_counter() - t_run
             rec = {"step": step + 1, "loss": float(loss.detach()), "lr": lr_at(step, cfg), "grad_norm": grad_norm,
                    "tokens_per_s": tokens_run / elapsed,
-                   **{k: float(info[k]) for k in ("beta_on", "beta_off", "key_cos", "text_nll") if k in info}}
+                   **{k: float(info[k]) for k in ("beta_on", "beta_off", "key_cos", "text_nll", "read_text_nll")
+                      if k in info}}
             if evaluate is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
                 rec["eval"] = evaluate(step + 1)
             history.append(rec)

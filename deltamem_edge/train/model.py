@@ -134,19 +134,27 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tens
     return y if w is None else y * w
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal GQA softmax attention, q [B, T, n_head, d], k/v [B, T, n_kv, d] -> [B, T, n_head, d_v].
 
+    ``past`` = (k, v [B, Tp, n_kv, d], valid [B, Tp] bool): an earlier run's cache that every
+    query also attends to where valid (a question asked in the told run itself).
     Written out (not SDPA): for the short episodes trained here the plain product is
     several times faster on a CPU, above all in the backward pass.
     """
+    T = q.shape[1]
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)[None, None]  # True: not attended
+    if past is not None:
+        pk, pv, valid = past
+        k, v = torch.cat((pk.to(k.dtype), k), dim=1), torch.cat((pv.to(v.dtype), v), dim=1)
+        hidden = (~valid)[:, None, None, :].expand(-1, 1, T, -1)
+        mask = torch.cat((hidden, mask.expand(valid.shape[0], -1, -1, -1)), dim=-1)
     rep = q.shape[2] // k.shape[2]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    T = q.shape[2]
     scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
     probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1).to(v.dtype)
     return (probs @ v).transpose(1, 2)
 
@@ -236,6 +244,9 @@ class DeltaMemModel(torch.nn.Module):
 
     ``trace``, when given a list, receives each layer's memory (q, k, v, β), each
     [B, T, H, r], for the losses that supervise addressing (``addressing.py``).
+    ``kv_out``, when given a list, receives each layer's attention keys and values (after
+    RoPE); passed back as ``past`` with ``past_valid`` [B, Tp], a later call attends to
+    them too, as one context continued (its ``pos`` must then go on from there).
     """
 
     def __init__(self, base: FrozenBase, mem: DeltaMem | None) -> None:
@@ -247,7 +258,9 @@ class DeltaMemModel(torch.nn.Module):
         return torch.zeros(batch, L, spec.state_heads, spec.rank, spec.rank, dtype=self.mem.memory_qkv.dtype)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, write: torch.Tensor,
-                S0: torch.Tensor | None = None, trace: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                S0: torch.Tensor | None = None, trace: list | None = None, kv_out: list | None = None,
+                past: list | None = None, past_valid: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         base, hp = self.base, self.base.hp
         B, T = ids.shape
         x = base.w("token_embd.weight")[ids]
@@ -282,7 +295,10 @@ class DeltaMemModel(torch.nn.Module):
                 k = _rms_norm(k, base.w(p + "attn_k_norm.weight"), hp.norm_eps)
             if hp.use_rope[il]:
                 q, k = base.rope(q, pos), base.rope(k, pos)
-            attn = _causal_attention(q, k, v, hp.attn_scale)
+            if kv_out is not None:
+                kv_out.append((k, v))
+            attn = _causal_attention(q, k, v, hp.attn_scale,
+                                     None if past is None else (past[il][0], past[il][1], past_valid))
             o = linear(attn.reshape(B, T, hp.n_head * hp.head_dim_v), "attn_output")
             if "o" in deltas:
                 o = o + deltas["o"]

@@ -9,6 +9,7 @@ time taken) next to them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -20,8 +21,8 @@ import torch
 
 from ..engine import Engine
 from ..recall.facts import dev_text, make_episodes
-from .data import build_mix, fact_examples, text_examples
-from .dev import recall_probe, text_nll, text_probe
+from .data import PROSE_MAX_TOKENS, build_mix, fact_examples, in_context_examples, prose_read_examples, text_examples
+from .dev import in_context_probe, read_text_nll, recall_probe, text_nll, text_probe
 from .export import export_gguf
 from .loop import TrainConfig, curriculum_steps, resolved, train
 from .model import DeltaMem, DeltaMemModel, FrozenBase
@@ -45,9 +46,14 @@ def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: i
     engine = Engine(base_path, adapter_path=False, n_ctx=2048)
     try:
         examples, tok = build_mix(engine, cfg.n_fact_episodes, cfg.n_generic_episodes, cfg.seed,
-                                  cfg.facts_per_memory, n_prose=cfg.n_prose_episodes)
-        dev = fact_examples(tok, make_episodes("dev", dev_episodes, cfg.seed, n_facts=1))
+                                  cfg.facts_per_memory, n_prose=cfg.n_prose_episodes,
+                                  n_in_context=cfg.n_in_context_episodes, n_prose_read=cfg.n_prose_read_episodes)
+        dev_eps = make_episodes("dev", dev_episodes, cfg.seed, n_facts=1)
+        dev = fact_examples(tok, dev_eps)
+        dev_in_context = in_context_examples(tok, dev_eps)
         prose = text_examples(tok, dev_text(), TEXT_PROBE_WINDOWS, cfg.seed)  # prose the training never reads
+        told_eps = make_episodes("dev", TEXT_PROBE_WINDOWS, cfg.seed + 1, n_facts=cfg.facts_per_memory)
+        prose_read = prose_read_examples(tok, told_eps, cfg.seed, docs=dev_text(), max_tokens=PROSE_MAX_TOKENS)
         small: list = []
         if curriculum_steps(cfg):
             n_small = min(cfg.n_fact_episodes, curriculum_steps(cfg) * cfg.batch)
@@ -65,16 +71,26 @@ def run_training(base_path: Path, out_dir: Path, cfg: TrainConfig, *, threads: i
         bar.set_postfix(loss=f"{p.loss:.3f}", tok_s=f"{p.tokens_per_s:.0f}")
         bar.refresh()
 
-    base_text_nll = text_nll(DeltaMemModel(base, None), prose, bf16=bool(cfg.bf16))
+    bare = DeltaMemModel(base, None)  # the frozen base: its numbers are computed once
+    bf16 = bool(cfg.bf16)
+    base_text_nll = text_nll(bare, prose, bf16=bf16)
+    base_read_nll = read_text_nll(bare, prose_read, bf16=bf16)
+    base_in_context = in_context_probe(bare, dev_in_context, bf16=bf16)
 
     def evaluate(step: int) -> dict:
-        probe = recall_probe(model, dev, bf16=bool(cfg.bf16))
+        probe = recall_probe(model, dev, bf16=bf16)
         if prose:
-            probe |= text_probe(model, prose, bf16=bool(cfg.bf16), base_nll=base_text_nll)
+            probe |= text_probe(model, prose, bf16=bf16, base_nll=base_text_nll)
+        if prose_read:
+            probe["read_text_ppl_ratio"] = math.exp(read_text_nll(model, prose_read, bf16=bf16) - base_read_nll)
+        probe |= in_context_probe(model, dev_in_context, bf16=bf16)
+        probe["in_context_top1_base"] = base_in_context["in_context_top1"]
         bar.write(f"step {step}: dev value log-prob own {probe['value_logp_own']:.2f} "
                   f"other {probe['value_logp_other']:.2f}, value top-1 {probe['value_top1']:.0%}, "
                   f"likelier than with an empty memory {probe['better_than_empty']:.0%}"
-                  + (f"; dev prose perplexity ×{probe['text_ppl_ratio']:.3f} of the base" if prose else ""))
+                  + (f"; dev prose perplexity ×{probe['text_ppl_ratio']:.3f} of the base" if prose else "")
+                  + (f", after another conversation ×{probe['read_text_ppl_ratio']:.3f}" if prose_read else "")
+                  + f"; in context top-1 {probe['in_context_top1']:.0%} (base {probe['in_context_top1_base']:.0%})")
         return probe
 
     try:
