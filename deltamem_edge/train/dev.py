@@ -26,9 +26,20 @@ from collections.abc import Sequence
 
 import torch
 
-from .data import Example, collate
+from .data import Batch, Example, collate
 from .loop import episode_loss, written_text_nll
 from .model import DeltaMemModel
+
+
+def _value_rows(b: Batch) -> list[torch.Tensor]:
+    """Per batch row with a remembered value: the mask of that row's value targets."""
+    rows = (b.value_mask & (b.target_rows == row) for row in range(b.read_ids.shape[0]))
+    return [sel for sel in rows if sel.any()]
+
+
+def _all_top1(info: dict, sel: torch.Tensor) -> int:
+    """1 when every selected value token is the model's top-1 choice: a greedy answer would contain it."""
+    return int((info["logp"][sel] >= info["top"][sel] - 1e-6).all())
 
 
 @torch.no_grad()
@@ -51,14 +62,10 @@ def recall_probe(model: DeltaMemModel, examples: Sequence[Example], batch: int =
         own_lp += float(own["logp"][value].sum())
         other_lp += float(other["logp"][value].sum())
         n += int(value.sum())
-        # top-1 over all value tokens of a row: a greedy answer would contain the value
-        hidden_hit = own["logp"] >= own["top"] - 1e-6
-        for row in range(len(chunk)):
-            sel = value & (b.target_rows == row)
-            if sel.any():
-                hits += int(hidden_hit[sel].all())
-                better += int(own["logp"][sel].sum() > empty["logp"][sel].sum())
-                facts += 1
+        for sel in _value_rows(b):
+            hits += _all_top1(own, sel)
+            better += int(own["logp"][sel].sum() > empty["logp"][sel].sum())
+            facts += 1
     rows = len(examples)
     return {"value_logp_own": own_lp / max(n, 1), "value_logp_other": other_lp / max(n, 1),
             "value_top1": hits / max(rows, 1), "better_than_empty": better / max(facts, 1)}
@@ -117,10 +124,7 @@ def in_context_probe(model: DeltaMemModel, examples: Sequence[Example], batch: i
         value = b.value_mask
         lp += float(info["logp"][value].sum())
         n += int(value.sum())
-        hit = info["logp"] >= info["top"] - 1e-6
-        for row in range(b.read_ids.shape[0]):
-            sel = value & (b.target_rows == row)
-            if sel.any():
-                hits += int(hit[sel].all())
-                rows += 1
+        for sel in _value_rows(b):
+            hits += _all_top1(info, sel)
+            rows += 1
     return {"in_context_logp": lp / max(n, 1), "in_context_top1": hits / max(rows, 1)}

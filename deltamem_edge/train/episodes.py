@@ -82,11 +82,14 @@ class EpisodeTokenizer:
             raise ValueError("the template's closing tail does not start with an end-of-generation token")
         return tail[0]
 
-    def _run1_text(self, tell: tuple[str, ...], replies: tuple[str, ...]) -> str:
+    def _told_msgs(self, tell: tuple[str, ...], replies: tuple[str, ...]) -> list[dict[str, str]]:
         msgs = list(self._system_msgs)
         for user, reply in zip(tell, replies, strict=True):
             msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        return self.template.render(msgs, generation_prompt=False)
+        return msgs
+
+    def _run1_text(self, tell: tuple[str, ...], replies: tuple[str, ...]) -> str:
+        return self.template.render(self._told_msgs(tell, replies), generation_prompt=False)
 
     def run1(self, tell: tuple[str, ...], replies: tuple[str, ...]) -> list[int]:
         """Every token run 1 writes: system prompt + each (message, reply, closing tail)."""
@@ -134,10 +137,8 @@ class EpisodeTokenizer:
         the template adds after run 1's text, every one written, as ``Conversation`` feeds
         the next turn.
         """
-        before = self._run1_text(tell, replies)
-        msgs = list(self._system_msgs)
-        for user, reply in zip(tell, replies, strict=True):
-            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        msgs = self._told_msgs(tell, replies)
+        before = self.template.render(msgs, generation_prompt=False)
         text = self.template.render([*msgs, {"role": "user", "content": question}], generation_prompt=True)
         if not text.startswith(before):
             raise ValueError("the chat template is not prefix-stable across turns")
