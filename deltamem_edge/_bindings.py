@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import NativeLibraryError
 
-API_VERSION = 2  # LLAMA_DMEM_API_VERSION in native/include/llama-deltamem.h
+API_VERSION = 3  # LLAMA_DMEM_API_VERSION in native/include/llama-deltamem.h
 
 
 def _prepare_environment() -> None:
@@ -53,6 +53,10 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "llama_dmem_adapter_state_heads": ([_adapter_p], ctypes.c_int32),
     "llama_dmem_adapter_n_layers": ([_adapter_p], ctypes.c_int32),
     "llama_dmem_adapter_layer": ([_adapter_p, ctypes.c_int32], ctypes.c_int32),
+    "llama_dmem_adapter_write_granularity": ([_adapter_p], ctypes.c_int32),  # index into WRITE_GRANULARITIES
+    "llama_dmem_max_rank": ([], ctypes.c_int32),
+    "llama_dmem_max_state_heads": ([], ctypes.c_int32),
+    "llama_dmem_max_layers": ([], ctypes.c_int32),
     "llama_dmem_attach": ([_ctx_p, _adapter_p], ctypes.c_int32),
     "llama_dmem_is_attached": ([_ctx_p], ctypes.c_bool),
     "llama_dmem_set_write": ([_ctx_p, ctypes.c_bool], ctypes.c_int32),

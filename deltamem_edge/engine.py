@@ -39,6 +39,7 @@ from . import _bindings
 from ._bindings import dmem, llama_lib
 from .args import check_bool, check_int, int_array
 from .errors import AdapterError, ArgumentError, EngineError, ModelLoadError
+from .gguf_schema import WRITE_GRANULARITIES
 
 if TYPE_CHECKING:
     from .batching import StepBatcher
@@ -203,7 +204,8 @@ class Engine:
                 state_heads=dmem.llama_dmem_adapter_state_heads(handle),
                 layers=tuple(dmem.llama_dmem_adapter_layer(handle, i) for i in range(n)),
                 bundled=path.resolve() == self.model_path.resolve(),
-                write_granularity=_write_granularity(path),
+                # as the loader parsed it: the file is read once per load
+                write_granularity=WRITE_GRANULARITIES[dmem.llama_dmem_adapter_write_granularity(handle)],
             )
             return self.adapter
 
@@ -630,13 +632,6 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _write_granularity(path: Path) -> str:
-    from . import gguf_schema as S
-    from .gguf_header import read_gguf_header
-
-    return str(read_gguf_header(path).get(S.KEY_WRITE_GRANULARITY, "token"))
 
 
 def _why(prefix: str) -> str:

@@ -1,7 +1,7 @@
 """Names of the δ-mem GGUF keys and tensors, in one place.
 
 Why a module of constants: the converter writes these names, the native loader
-(``native/src/llama-dmem.cpp``) and the numpy reference read them, and a typo in
+(``native/src/llama-dmem-loader.cpp``) and the numpy reference read them, and a typo in
 one of three places would be a silent mismatch.  gguf-py keeps its keys the same
 way (``gguf.constants.Keys``).  This module imports nothing of ours.  What values the
 engine accepts (rank, state heads, layers, architectures) is ``supported.py``'s job.
@@ -54,7 +54,7 @@ KEY_SOURCE = _P + "source"  # str, free-form provenance (converter, upstream dir
 
 UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
 DELTA_HEADS = ("q", "k", "v", "o")
-WRITE_GRANULARITIES = ("token", "message_mean", "sentence_mean")
+WRITE_GRANULARITIES = ("token", "message_mean", "sentence_mean")  # index = enum llama_dmem_write_granularity
 ROW_ORDER_GDN = "gdn"
 
 DEFAULT_NORM_EPS = 1e-6

@@ -21,7 +21,9 @@ from ggufs import (
     write_unnormalized_qk_adapter,
 )
 
+from deltamem_edge import gguf_schema as S
 from deltamem_edge.errors import AdapterError, EngineError
+from deltamem_edge.gguf_header import read_gguf_header
 from deltamem_edge.reference import RefAdapter, RefModel
 
 RNG_IDS = [int(x) for x in np.random.default_rng(7).integers(0, 256, 24)]
@@ -245,6 +247,20 @@ def test_bundle_equals_standalone_adapter(tiny, tmp_path):
         np.testing.assert_array_equal(eng.session().feed(RNG_IDS), expected)
     with exact_engine(bundle, False) as eng:  # and the bundle still loads as a plain model
         assert eng.adapter is None
+
+
+@pytest.mark.parametrize("granularity", S.WRITE_GRANULARITIES)
+def test_the_engine_reports_the_write_granularity_the_file_says(tiny, tmp_path, granularity):
+    """The engine takes the granularity from the native loader (the file is parsed once per load):
+    for a standalone adapter and for a bundle it must be what the file's header says."""
+    standalone = tmp_path / "a.dmem.gguf"
+    bundle = write_random_adapter(standalone, tiny["qwen3"], rank=4, seed=23, write_granularity=granularity,
+                                  bundle_into=tmp_path / "bundle.gguf")
+    for model, adapter, path in ((tiny["qwen3"], standalone, standalone), (bundle, None, bundle)):
+        says = read_gguf_header(path).get(S.KEY_WRITE_GRANULARITY)
+        assert says == granularity
+        with exact_engine(model, adapter) as eng:
+            assert eng.adapter is not None and eng.adapter.write_granularity == says
 
 
 # ---------------------------------------------------------------------------------------------

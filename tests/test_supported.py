@@ -1,17 +1,18 @@
 """One set of limits and architectures: the native loader, the converter, the state file and the reference agree.
 
-The C++ loader keeps its own copies of the numbers in ``llama-dmem.cpp``; instead of a
-generated header (a native rebuild), these tests read them out of the source and
-compare them with ``deltamem_edge.supported``.  Then the edge cases run end to end on
-a tiny random model: 20 and 64 state heads (above the state file's old 16) attach,
-chat, save and load back bit-identically; 65 heads and rank 33 are refused at attach
-with an AdapterError, and the converter refuses them before writing anything.
+The C++ loader keeps its own copies of the numbers (``llama-dmem-impl.h``) and reports
+the limits through its C API (``llama_dmem_max_*``): these tests ask the loaded library
+and compare with ``deltamem_edge.supported``.  What the API does not report (the
+architectures, the schema names, that the layer bound is the model's) is read out of the
+source.  Then the edge cases run end to end on a tiny random model: 20 and 64 state heads
+(above the state file's old 16) attach, chat, save and load back bit-identically; 65 heads
+and rank 33 are refused at attach with an AdapterError, and the converter refuses them
+before writing anything.
 """
 
 from __future__ import annotations
 
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -33,64 +34,49 @@ from deltamem_edge.sampling import SamplingParams
 from deltamem_edge.statefile import format as state_format
 
 NATIVE_SRC = Path(build.NATIVE_DIR) / "src"
+IMPL_H = NATIVE_SRC / "llama-dmem-impl.h"  # the constants: schema version, names, limits
+LOADER = NATIVE_SRC / "llama-dmem-loader.cpp"  # the checks that use them
 IDS = [int(x) for x in np.random.default_rng(12).integers(0, 256, 20)]
 
 
-def _native_source() -> str:
-    return "\n".join(p.read_text() for p in sorted(NATIVE_SRC.glob("*.cpp")) + sorted(NATIVE_SRC.glob("*.h")))
-
-
-def _one(pattern: str, text: str) -> re.Match[str]:
-    found = list(re.finditer(pattern, text))
-    assert len(found) == 1, f"expected exactly one match of {pattern!r} in the native sources, got {len(found)}"
+def _one(pattern: str, path: Path) -> re.Match[str]:
+    found = list(re.finditer(pattern, path.read_text()))
+    assert len(found) == 1, f"expected exactly one match of {pattern!r} in {path.name}, got {len(found)}"
     return found[0]
 
 
 # ---------------------------------------------------------------------------------------------
-# the native loader's numbers, read from its source
+# the native loader's numbers: its limits asked of the library, the rest read from its source
 # ---------------------------------------------------------------------------------------------
 
 
-def test_native_rank_limit_is_pythons() -> None:
-    src = _native_source()
-    p_max = int(_one(r"constexpr\s+int64_t\s+DMEM_P_MAX\s*=\s*(\d+)\s*;", src).group(1))
-    assert p_max == supported.MAX_RANK
-    _one(r"A\.rank\s*<\s*1\s*\|\|\s*A\.rank\s*>\s*DMEM_P_MAX", src)  # the loader checks rank against it
+def test_the_library_reports_pythons_limits() -> None:
+    """The numbers the loaded library enforces (``llama_dmem_max_*``), not copies in its source text."""
+    from deltamem_edge._bindings import dmem
 
-
-def test_native_state_head_limit_is_pythons() -> None:
-    src = _native_source()
-    check = _one(r"A\.heads\s*<\s*1\s*\|\|\s*A\.heads\s*>\s*(\d+)", src)
-    message = _one(r'"state_heads %lld is outside 1\.\.(\d+)"', src)
-    assert int(check.group(1)) == int(message.group(1)) == supported.MAX_STATE_HEADS
+    assert dmem.llama_dmem_max_rank() == supported.MAX_RANK
+    assert dmem.llama_dmem_max_state_heads() == supported.MAX_STATE_HEADS
+    assert dmem.llama_dmem_max_layers() == supported.MAX_LAYERS
 
 
 def test_native_layer_limit_is_the_models() -> None:
-    """The loader bounds an adapter's layers by the model's; llama.cpp bounds those by LLAMA_MAX_LAYERS."""
-    _one(r"n\s*>\s*\(size_t\)\s*n_layer\b", _native_source())
-    sdist = build.cache_root() / "sdist" / build.SDIST_NAME
-    if not sdist.is_file():
-        pytest.skip("the llama.cpp sdist is not in the build cache (`make build` fetches it)")
-    with tarfile.open(sdist, "r:gz") as tar:
-        member = tar.extractfile(build.VENDOR_PREFIX + "src/llama-hparams.h")
-        assert member is not None
-        header = member.read().decode()
-    assert int(_one(r"#define\s+LLAMA_MAX_LAYERS\s+(\d+)", header).group(1)) == supported.MAX_LAYERS
+    """max_layers is LLAMA_MAX_LAYERS because the loader bounds an adapter's layers by the model's."""
+    _one(r"n\s*>\s*\(size_t\)\s*n_layer\b", LOADER)
 
 
 def test_native_architectures_are_pythons() -> None:
-    src = _native_source()
-    body = _one(r"(?s)bool arch_supported\(const std::string & arch\) \{(.*?)\n\}", re.sub(r"//[^\n]*", "", src))
+    src = LOADER.read_text()
+    body = re.search(r"(?s)bool arch_supported\(const std::string & arch\) \{(.*?)\n\}", re.sub(r"//[^\n]*", "", src))
+    assert body is not None, f"arch_supported is not in {LOADER.name}"
     assert tuple(re.findall(r'arch == "(\w+)"', body.group(1))) == supported.SUPPORTED_ARCHS
-    listed = _one(r"is not supported by δ-mem \(supported: ([a-z0-9, ]+)\)", src).group(1)
+    listed = _one(r"is not supported by δ-mem \(supported: ([a-z0-9, ]+)\)", LOADER).group(1)
     assert tuple(listed.split(", ")) == supported.SUPPORTED_ARCHS
 
 
 def test_native_schema_names_are_pythons() -> None:
-    src = _native_source()
-    assert int(_one(r"DMEM_SCHEMA_VERSION\s*=\s*(\d+)\s*;", src).group(1)) == S.SCHEMA_VERSION
-    assert _one(r'DMEM_MARKER\s*=\s*"([^"]+)"', src).group(1) == S.TENSOR_MARKER
-    assert _one(r'\bKP\s*=\s*"([^"]+)"', src).group(1) + "version" == S.KEY_VERSION
+    assert int(_one(r"DMEM_SCHEMA_VERSION\s*=\s*(\d+)\s*;", IMPL_H).group(1)) == S.SCHEMA_VERSION
+    assert _one(r'DMEM_MARKER\s*=\s*"([^"]+)"', IMPL_H).group(1) == S.TENSOR_MARKER
+    assert _one(r'\bKP\s*=\s*"([^"]+)"', IMPL_H).group(1) + "version" == S.KEY_VERSION
 
 
 def test_every_python_layer_reads_the_one_module() -> None:

@@ -48,8 +48,13 @@ VENDOR_PREFIX = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
 
 NATIVE_DIR = Path(__file__).resolve().parent
 OUR_SOURCES = {  # our files -> where they go in the llama.cpp tree
-    "src/llama-dmem.cpp": "src/llama-dmem.cpp",
-    "src/llama-dmem.h": "src/llama-dmem.h",
+    "src/llama-dmem.h": "src/llama-dmem.h",  # the hooks the patch calls
+    "src/llama-dmem-impl.h": "src/llama-dmem-impl.h",  # what the files below share
+    "src/llama-dmem-graph.cpp": "src/llama-dmem-graph.cpp",
+    "src/llama-dmem-loader.cpp": "src/llama-dmem-loader.cpp",
+    "src/llama-dmem-state.cpp": "src/llama-dmem-state.cpp",
+    "src/llama-dmem-backend.cpp": "src/llama-dmem-backend.cpp",
+    "src/llama-dmem-api.cpp": "src/llama-dmem-api.cpp",
     "include/llama-deltamem.h": "include/llama-deltamem.h",
 }
 PATCH_DIR = NATIVE_DIR / "patches"

@@ -32,7 +32,7 @@ extern "C" {
 #endif
 
 // Bumped whenever a function below changes; the Python bindings check it.
-#define LLAMA_DMEM_API_VERSION 2
+#define LLAMA_DMEM_API_VERSION 3
 
 struct llama_dmem_adapter;
 
@@ -78,6 +78,23 @@ LLAMA_API int32_t llama_dmem_state_get  (struct llama_context * ctx, llama_seq_i
 LLAMA_API int32_t llama_dmem_state_set  (struct llama_context * ctx, llama_seq_id seq, const float * src, size_t n_floats);
 // seq < 0 resets every sequence
 LLAMA_API int32_t llama_dmem_state_reset(struct llama_context * ctx, llama_seq_id seq);
+
+// What the loader parsed, so that callers need not read the adapter file a second time.
+// Write granularity (adapter.deltamem.write_granularity), in the order of
+// deltamem_edge/gguf_schema.py's WRITE_GRANULARITIES; -1 for NULL.
+enum llama_dmem_write_granularity {
+    LLAMA_DMEM_WRITE_TOKEN         = 0, // one write per token
+    LLAMA_DMEM_WRITE_MESSAGE_MEAN  = 1, // SSW: one write per segment id, a segment = a message
+    LLAMA_DMEM_WRITE_SENTENCE_MEAN = 2, // SSW: the same, a segment = a sentence (the caller's ids)
+};
+LLAMA_API int32_t llama_dmem_adapter_write_granularity(const struct llama_dmem_adapter * adapter);
+
+// The loader's limits: llama_dmem_adapter_init refuses a rank outside 1..max_rank, state heads
+// outside 1..max_state_heads, and more δ-mem layers than the model has (a llama.cpp model has at
+// most max_layers = LLAMA_MAX_LAYERS).
+LLAMA_API int32_t llama_dmem_max_rank       (void);
+LLAMA_API int32_t llama_dmem_max_state_heads(void);
+LLAMA_API int32_t llama_dmem_max_layers     (void);
 
 #ifdef __cplusplus
 }
