@@ -21,11 +21,8 @@ import numpy as np
 import pytest
 
 from deltamem_edge import gguf_schema as S
-from deltamem_edge.converter.adapter import (
-    build_adapter_tensors,
-    convert_adapter,
-    default_output_path,
-)
+from deltamem_edge.converter.adapter import convert_adapter, default_output_path
+from deltamem_edge.converter.adapter_tensors import build_adapter_tensors
 from deltamem_edge.converter.config import DeltaMemConfig, config_from_dict, load_config
 from deltamem_edge.converter.safetensors_reader import read_safetensors
 from deltamem_edge.converter.torch_zip import read_torch_zip

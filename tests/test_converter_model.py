@@ -31,8 +31,9 @@ from ggufs import write_tiny_model
 
 from deltamem_edge import gguf_schema as S
 from deltamem_edge.cli.main import main as cli_main
-from deltamem_edge.converter import adapter as adapter_mod
-from deltamem_edge.converter.adapter import convert_adapter, rope_row_permutation
+from deltamem_edge.converter import base_model as base_model_mod
+from deltamem_edge.converter.adapter import convert_adapter
+from deltamem_edge.converter.base_model import rope_row_permutation
 from deltamem_edge.converter.inspect import NO_DMEM, inspect_gguf, read_gguf_header, render_text
 from deltamem_edge.converter.model import INSTALL_HINT, convert_model
 from deltamem_edge.engine import Engine
@@ -389,11 +390,12 @@ def test_upstream_adapter_end_to_end(hf_case, variant: str, tmp_path: Path, monk
     print(f"{kind}: engine + converted adapter vs HF-order reference: {err:.2e} relative")
     assert err <= TOL_REL
     source = inspect_gguf(adapter)["deltamem"]["source"]
-    assert (adapter_mod.ROPE_PERMUTED_NOTE in source) == (kind == "llama")
+    assert (base_model_mod.ROPE_PERMUTED_NOTE in source) == (kind == "llama")
 
     if kind == "llama":
         # without the δ_q/δ_k row permutation the same adapter is wrong on a llama base
-        monkeypatch.setattr(adapter_mod, "rope_row_permutation", lambda n_head, head_dim: np.arange(n_head * head_dim))
+        monkeypatch.setattr(base_model_mod, "rope_row_permutation",
+                            lambda n_head, head_dim: np.arange(n_head * head_dim))
         unpermuted = convert_adapter(tmp_path / "upstream", base, tmp_path / "wrong.dmem.gguf")
         monkeypatch.undo()
         with _engine(base, unpermuted) as eng:

@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from test_converter_adapter import upstream_config, upstream_weights, write_adapter_dir, write_base_gguf
 
-from deltamem_edge.converter.adapter import BUDGET_HEADROOM, adapter_read_limits, convert_adapter, read_base_model
+from deltamem_edge.converter.adapter import BUDGET_HEADROOM, adapter_read_limits, convert_adapter
+from deltamem_edge.converter.base_model import read_base_model
 from deltamem_edge.converter.config import config_from_dict
 from deltamem_edge.converter.model import _read_hf_config
 from deltamem_edge.converter.safetensors_reader import read_safetensors
@@ -288,7 +289,7 @@ def test_pickle_and_byteorder_entries_are_size_checked(tmp_path: Path) -> None:
 
 def test_budget_is_the_largest_adapter_for_the_base() -> None:
     """Independent arithmetic for a Qwen3-4B-shaped base and the released rank-8 config."""
-    from deltamem_edge.converter.adapter import BaseModelInfo
+    from deltamem_edge.converter.base_model import BaseModelInfo
 
     base = BaseModelInfo(Path("q.gguf"), "qwen3", 36, 2560, (32,) * 36, (8,) * 36, 128, 128)
     cfg = config_from_dict(upstream_config(rank=8, delta_heads=["q", "k", "v", "o"]))

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from ..converter.adapter import ROPE_PERMUTED_ARCHS, convert_adapter, rope_row_permutation
+from ..converter.adapter import convert_adapter
+from ..converter.base_model import ROPE_PERMUTED_ARCHS, rope_row_permutation
 from ..converter.config import CONFIG_FILENAME
 from .model import DeltaMem, FrozenBase
 
