@@ -18,11 +18,9 @@ import os
 import sys
 import threading
 from collections import deque
-from typing import Any
 
 from .errors import NativeLibraryError
-
-API_VERSION = 3  # LLAMA_DMEM_API_VERSION in native/include/llama-deltamem.h
+from .native.c_api import API_VERSION, SIGNATURES, c_float_p
 
 
 def _prepare_environment() -> None:
@@ -38,42 +36,12 @@ _prepare_environment()
 import llama_cpp  # noqa: E402  (the library folder must be chosen first)
 from llama_cpp import llama_cpp as llama_lib  # noqa: E402
 
-c_float_p = ctypes.POINTER(ctypes.c_float)
-_ctx_p = llama_lib.llama_context_p_ctypes
-_model_p = llama_lib.llama_model_p_ctypes
-_adapter_p = ctypes.c_void_p
-
-_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
-    "llama_dmem_api_version": ([], ctypes.c_int32),
-    "llama_dmem_last_error": ([], ctypes.c_char_p),
-    "llama_dmem_adapter_init": ([_model_p, ctypes.c_char_p], _adapter_p),
-    "llama_dmem_adapter_free": ([_adapter_p], None),
-    "llama_dmem_file_has_adapter": ([ctypes.c_char_p], ctypes.c_int32),
-    "llama_dmem_adapter_rank": ([_adapter_p], ctypes.c_int32),
-    "llama_dmem_adapter_state_heads": ([_adapter_p], ctypes.c_int32),
-    "llama_dmem_adapter_n_layers": ([_adapter_p], ctypes.c_int32),
-    "llama_dmem_adapter_layer": ([_adapter_p, ctypes.c_int32], ctypes.c_int32),
-    "llama_dmem_adapter_write_granularity": ([_adapter_p], ctypes.c_int32),  # index into WRITE_GRANULARITIES
-    "llama_dmem_max_rank": ([], ctypes.c_int32),
-    "llama_dmem_max_state_heads": ([], ctypes.c_int32),
-    "llama_dmem_max_layers": ([], ctypes.c_int32),
-    "llama_dmem_attach": ([_ctx_p, _adapter_p], ctypes.c_int32),
-    "llama_dmem_is_attached": ([_ctx_p], ctypes.c_bool),
-    "llama_dmem_set_write": ([_ctx_p, ctypes.c_bool], ctypes.c_int32),
-    "llama_dmem_get_write": ([_ctx_p], ctypes.c_bool),
-    "llama_dmem_set_message_ids": ([_ctx_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32], ctypes.c_int32),
-    "llama_dmem_state_n_floats": ([_ctx_p], ctypes.c_int64),
-    "llama_dmem_state_get": ([_ctx_p, ctypes.c_int32, c_float_p, ctypes.c_size_t], ctypes.c_int32),
-    "llama_dmem_state_set": ([_ctx_p, ctypes.c_int32, c_float_p, ctypes.c_size_t], ctypes.c_int32),
-    "llama_dmem_state_reset": ([_ctx_p, ctypes.c_int32], ctypes.c_int32),
-}
-
 
 class _DeltaMemLib:
     """Our C functions as attributes (``lib.llama_dmem_attach(...)``)."""
 
     def __init__(self, handle: ctypes.CDLL) -> None:
-        missing = [name for name in _SIGNATURES if not hasattr(handle, name)]
+        missing = [name for name in SIGNATURES if not hasattr(handle, name)]
         if missing:
             path = getattr(handle, "_name", "libllama")
             raise NativeLibraryError(
@@ -83,7 +51,7 @@ class _DeltaMemLib:
                 hint="import deltamem_edge before llama_cpp, or unset LLAMA_CPP_LIB_PATH; "
                 "run `deltamem-edge build` if the δ-mem library was never built",
             )
-        for name, (argtypes, restype) in _SIGNATURES.items():
+        for name, (argtypes, restype) in SIGNATURES.items():
             fn = getattr(handle, name)
             fn.argtypes = argtypes
             fn.restype = restype
@@ -141,7 +109,13 @@ def take_recent_errors() -> list[str]:
         return out
 
 
+
+def with_last_error(prefix: str) -> str:
+    """``prefix`` plus the last llama.cpp error line logged since the last call, when there is one."""
+    errors = take_recent_errors()
+    return f"{prefix}: {errors[-1]}" if errors else prefix
+
 llama_lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
 llama_lib.llama_backend_init()
 
-__all__ = ["c_float_p", "dmem", "llama_cpp", "llama_lib", "set_verbose", "take_recent_errors"]
+__all__ = ["c_float_p", "dmem", "llama_cpp", "llama_lib", "set_verbose", "take_recent_errors", "with_last_error"]

@@ -3,8 +3,8 @@
 Why a process per variant: a process can load only one libllama, and variant (a)
 is the *stock* library.  The worker therefore uses only llama-cpp-python's
 low-level ctypes API (``llama_cpp.llama_cpp``) for model, context, batch and
-decode, on whatever library ``LLAMA_CPP_LIB_PATH`` names, and binds the five δ-mem
-C functions it needs itself, only when an adapter is requested.  It never imports
+decode, on whatever library ``LLAMA_CPP_LIB_PATH`` names, and binds the δ-mem C
+functions itself (the one table, ``native/c_api.py``), only when an adapter is requested.  It never imports
 ``deltamem_edge._bindings`` or ``deltamem_edge.engine`` (those pick the patched
 library), so a stock worker really runs stock llama.cpp: ``load`` reports whether
 the loaded library has any ``llama_dmem_*`` symbol.
@@ -39,24 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from deltamem_edge.native.c_api import SIGNATURES
+
 FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
 
-_DMEM_SIGNATURES = {  # name -> (argtypes, restype); a subset of deltamem_edge._bindings
-    "llama_dmem_api_version": ([], ctypes.c_int32),
-    "llama_dmem_last_error": ([], ctypes.c_char_p),
-    "llama_dmem_adapter_init": ([ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p),
-    "llama_dmem_attach": ([ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int32),
-    "llama_dmem_set_write": ([ctypes.c_void_p, ctypes.c_bool], ctypes.c_int32),
-    "llama_dmem_state_n_floats": ([ctypes.c_void_p], ctypes.c_int64),
-    "llama_dmem_state_get": ([ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t],
-                             ctypes.c_int32),
-    "llama_dmem_state_set": ([ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t],
-                             ctypes.c_int32),
-    "llama_dmem_state_reset": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int32),
-    "llama_dmem_adapter_rank": ([ctypes.c_void_p], ctypes.c_int32),
-    "llama_dmem_adapter_n_layers": ([ctypes.c_void_p], ctypes.c_int32),
-    "llama_dmem_adapter_state_heads": ([ctypes.c_void_p], ctypes.c_int32),
-}
 
 
 class WorkerError(RuntimeError):
@@ -148,7 +134,7 @@ class Worker:
             if not has_dmem:
                 raise WorkerError("an adapter was requested but this libllama has no δ-mem API")
             self.dmem = {}
-            for name, (argt, rest) in _DMEM_SIGNATURES.items():
+            for name, (argt, rest) in SIGNATURES.items():
                 fn = getattr(lib, name)
                 fn.argtypes, fn.restype = argt, rest
                 self.dmem[name] = fn
