@@ -2,7 +2,7 @@
 
 Flag names follow llama.cpp where they exist (-m, -c, -n, -t, -ngl, --temp, --top-k,
 --top-p, --min-p, -s).  With no --model the embedded default (SmolLM2-135M-Instruct
-with a placeholder adapter) is used, and the first line says so.
+and its default adapter from models/) is used, and the first line names the adapter.
 """
 
 from __future__ import annotations

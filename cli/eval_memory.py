@@ -3,7 +3,7 @@
 Runs every condition of ``deltamem_edge.recall.evaluate`` through the runtime (Engine and
 Conversation, greedy) and prints the markdown table that models/README.md carries; with
 ``--json`` every number and every answer is written too.  With no --model, the embedded
-default model and its placeholder adapter are measured, like ``chat`` picks them.
+default model and its default adapter are measured, like ``chat`` picks them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _check_json_target(path: Path | None) -> None:
 
 def eval_memory(
     model: Path = typer.Option(None, "--model", "-m", help="Model GGUF (default: the embedded SmolLM2-135M-Instruct)."),
-    adapter: Path = typer.Option(None, "--adapter", "-a", help="δ-mem adapter GGUF (default: bundled in the model, or <model>.dmem.gguf next to it; with no --model the placeholder)."),
+    adapter: Path = typer.Option(None, "--adapter", "-a", help="δ-mem adapter GGUF (default: bundled in the model, or <model>.dmem.gguf next to it; with no --model the default adapter of models/)."),
     episodes: int = typer.Option(60, "-n", "--episodes", min=1, help="Episodes per condition (and per capacity)."),
     seed: int = typer.Option(1, "--seed", "-s", help="Seed of the held-out episodes."),
     capacity: str = typer.Option("1,3,8", "--capacity", help="Facts per memory for the capacity runs, comma-separated."),

