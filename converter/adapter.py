@@ -30,7 +30,6 @@ import numpy as np
 from deltamem_edge import gguf_schema as S
 from deltamem_edge.errors import AdapterError, ConversionError
 from deltamem_edge.limits import ReadLimits
-from deltamem_edge.supported import SUPPORTED_ARCHS
 
 from .adapter_tensors import DEFAULT_SOURCE, KNOWN_PARAMS, build_adapter_tensors
 from .adapter_writer import OUTTYPES, to_outtype, write_adapter_gguf
@@ -42,7 +41,6 @@ from .base_model import (
     check_against_base,
     header_field,
     open_base_gguf,
-    read_base_model,
 )
 from .config import CONFIG_FILENAME, DeltaMemConfig, load_config
 from .safetensors_reader import read_safetensors
@@ -50,13 +48,11 @@ from .torch_zip import read_torch_zip
 
 __all__ = [
     "BUDGET_HEADROOM",
-    "SUPPORTED_ARCHS",  # re-exported: tests/test_supported.py checks that the converter reads the one module
     "WEIGHTS_FILENAME",
     "adapter_read_limits",
     "convert_adapter",
     "default_output_path",
     "load_weights",
-    "read_base_model",  # re-exported: callers that pick a base model (deltamem_edge.defaults) import it from here
     "resolve_inputs",
 ]
 

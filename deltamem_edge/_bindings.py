@@ -20,7 +20,7 @@ import threading
 from collections import deque
 
 from .errors import NativeLibraryError
-from .native.c_api import API_VERSION, SIGNATURES, c_float_p
+from .native.c_api import API_VERSION, SIGNATURES, bind, c_float_p
 
 
 def _prepare_environment() -> None:
@@ -51,10 +51,7 @@ class _DeltaMemLib:
                 hint="import deltamem_edge before llama_cpp, or unset LLAMA_CPP_LIB_PATH; "
                 "run `deltamem-edge build` if the δ-mem library was never built",
             )
-        for name, (argtypes, restype) in SIGNATURES.items():
-            fn = getattr(handle, name)
-            fn.argtypes = argtypes
-            fn.restype = restype
+        for name, fn in bind(handle).items():
             setattr(self, name, fn)
         version = handle.llama_dmem_api_version()
         if version != API_VERSION:
@@ -109,11 +106,11 @@ def take_recent_errors() -> list[str]:
         return out
 
 
-
 def with_last_error(prefix: str) -> str:
     """``prefix`` plus the last llama.cpp error line logged since the last call, when there is one."""
     errors = take_recent_errors()
     return f"{prefix}: {errors[-1]}" if errors else prefix
+
 
 llama_lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
 llama_lib.llama_backend_init()

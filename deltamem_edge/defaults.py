@@ -131,7 +131,8 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 def make_placeholder_adapter(base: Path, out: Path, *, outtype: str = "f16") -> Path:
     """Write the placeholder adapter for ``base`` to ``out`` via the upstream converter path."""
-    from .converter.adapter import convert_adapter, read_base_model
+    from .converter.adapter import convert_adapter
+    from .converter.base_model import read_base_model
 
     info = read_base_model(base)
     q_out = info.n_head[0] * info.head_dim_k

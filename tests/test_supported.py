@@ -24,7 +24,7 @@ from deltamem_edge import Engine, supported
 from deltamem_edge import gguf_schema as S
 from deltamem_edge import statefile as sf
 from deltamem_edge.conversation import Conversation
-from deltamem_edge.converter import adapter as conv_adapter
+from deltamem_edge.converter import base_model as conv_base_model
 from deltamem_edge.converter import model as conv_model
 from deltamem_edge.converter.config import config_from_dict
 from deltamem_edge.errors import AdapterError, ConversionError, DeltaMemError
@@ -80,7 +80,7 @@ def test_native_schema_names_are_pythons() -> None:
 
 
 def test_every_python_layer_reads_the_one_module() -> None:
-    assert conv_adapter.SUPPORTED_ARCHS is supported.SUPPORTED_ARCHS
+    assert conv_base_model.SUPPORTED_ARCHS is supported.SUPPORTED_ARCHS  # the converter's arch check
     assert set(ROPE_TYPE) == set(supported.SUPPORTED_ARCHS)  # the reference knows each arch's rope
     assert set(supported.HF_ARCHS.values()) == set(supported.SUPPORTED_ARCHS)
     assert tuple(supported.HF_ARCHS) == conv_model.DELTAMEM_HF_ARCHS

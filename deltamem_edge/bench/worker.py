@@ -4,8 +4,8 @@ Why a process per variant: a process can load only one libllama, and variant (a)
 is the *stock* library.  The worker therefore uses only llama-cpp-python's
 low-level ctypes API (``llama_cpp.llama_cpp``) for model, context, batch and
 decode, on whatever library ``LLAMA_CPP_LIB_PATH`` names, and binds the δ-mem C
-functions itself (the one table, ``native/c_api.py``), only when an adapter is requested.  It never imports
-``deltamem_edge._bindings`` or ``deltamem_edge.engine`` (those pick the patched
+functions itself (the one table, ``native/c_api.py``), only when an adapter is
+requested.  It never imports ``deltamem_edge._bindings`` or ``deltamem_edge.engine`` (those pick the patched
 library), so a stock worker really runs stock llama.cpp: ``load`` reports whether
 the loaded library has any ``llama_dmem_*`` symbol.
 
@@ -39,10 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from deltamem_edge.native.c_api import SIGNATURES
+from deltamem_edge.native.c_api import bind
 
 FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
-
 
 
 class WorkerError(RuntimeError):
@@ -133,11 +132,7 @@ class Worker:
         if adapter:
             if not has_dmem:
                 raise WorkerError("an adapter was requested but this libllama has no δ-mem API")
-            self.dmem = {}
-            for name, (argt, rest) in SIGNATURES.items():
-                fn = getattr(lib, name)
-                fn.argtypes, fn.restype = argt, rest
-                self.dmem[name] = fn
+            self.dmem = bind(lib)
             d = self.dmem
             self.adapter = d["llama_dmem_adapter_init"](_ptr(self.model), adapter.encode())
             if not self.adapter:

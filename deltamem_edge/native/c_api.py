@@ -44,3 +44,13 @@ SIGNATURES: dict[str, tuple[list[Any], Any]] = {  # name -> (argtypes, restype)
     "llama_dmem_state_set": ([_ctx_p, ctypes.c_int32, c_float_p, ctypes.c_size_t], ctypes.c_int32),
     "llama_dmem_state_reset": ([_ctx_p, ctypes.c_int32], ctypes.c_int32),
 }
+
+
+def bind(handle: ctypes.CDLL) -> dict[str, Any]:
+    """Every function of the table on ``handle``, with its argtypes and restype set (name -> function)."""
+    bound = {}
+    for name, (argtypes, restype) in SIGNATURES.items():
+        fn = getattr(handle, name)
+        fn.argtypes, fn.restype = argtypes, restype
+        bound[name] = fn
+    return bound

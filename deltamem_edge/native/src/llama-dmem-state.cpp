@@ -88,6 +88,16 @@ llama_dmem_context * checked_ctx(const llama_context * ctx, llama_seq_id seq, bo
     return dc;
 }
 
+// Floats of one layer's compact state (rows x rank); the caller's buffer must hold exactly every
+// layer's, as llama_dmem_state_n_floats says.
+int64_t checked_block(const llama_dmem_adapter & A, const void * buf, size_t n_floats) {
+    const int64_t block = A.rows() * A.rank;
+    if (buf == nullptr || n_floats != (size_t) (block * (int64_t) A.layers.size())) {
+        raise("state buffer has %zu floats, expected %lld", n_floats, (long long) (block * A.layers.size()));
+    }
+    return block;
+}
+
 } // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -107,10 +117,7 @@ int32_t llama_dmem_state_get(struct llama_context * ctx, llama_seq_id seq, float
     try {
         llama_dmem_context * dc = checked_ctx(ctx, seq, false);
         const llama_dmem_adapter & A = *dc->adapter;
-        const int64_t block = A.rows() * A.rank;
-        if (dst == nullptr || n_floats != (size_t) (block * (int64_t) A.layers.size())) {
-            raise("state buffer has %zu floats, expected %lld", n_floats, (long long) (block * A.layers.size()));
-        }
+        const int64_t block = checked_block(A, dst, n_floats);
         llama_synchronize(ctx);
         const size_t row_bytes = A.row_floats() * sizeof(float);
         std::vector<float> padded(A.row_floats());
@@ -128,10 +135,7 @@ int32_t llama_dmem_state_set(struct llama_context * ctx, llama_seq_id seq, const
     try {
         llama_dmem_context * dc = checked_ctx(ctx, seq, false);
         const llama_dmem_adapter & A = *dc->adapter;
-        const int64_t block = A.rows() * A.rank;
-        if (src == nullptr || n_floats != (size_t) (block * (int64_t) A.layers.size())) {
-            raise("state buffer has %zu floats, expected %lld", n_floats, (long long) (block * A.layers.size()));
-        }
+        const int64_t block = checked_block(A, src, n_floats);
         for (size_t i = 0; i < n_floats; ++i) {
             if (!std::isfinite(src[i])) {
                 raise("state value %zu is not finite; the state was left unchanged", i);
