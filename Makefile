@@ -46,7 +46,7 @@ fuzz: $(STAMP)
 	$(PY) scripts/fuzz.py --minutes $(FUZZ_MINUTES)
 
 # rebuild the shipped δ-mem adapter for the default model with the recipe of models/README.md, in f32
-# as it was trained (≈ 1.5 h on 2 AVX2 cores; the same bytes on the same kind of CPU, see models/README.md)
+# as it was trained (70 min on 2 AVX2 cores; the same bytes on the same kind of CPU, see models/README.md)
 TRAIN_OUT ?= build/train
 train: native
 	$(BIN)/deltamem-edge train --precision f32 --out $(TRAIN_OUT)

@@ -1,7 +1,9 @@
 """Engine: one model, one llama context, at most one δ-mem adapter; tokens in, logits out.
 
-This module and ``session.py`` are the only ones that talk to the C API (through
-``_bindings``); ``Session`` lives in ``session.py`` and is re-exported here.
+This module and ``session.py`` drive the model, the context and the δ-mem state through
+the C API (``_bindings``); elsewhere only ``sampling.py`` (llama.cpp's sampler chain) and
+``converter/model.py`` (its quantizer) call it.  ``Session`` lives in ``session.py`` and is
+re-exported here.
 ``Engine`` owns one model, one llama context and at most one δ-mem adapter;
 each ``Session`` is one sequence of that context with its own KV cells and its
 own δ-state.  Every token fed with ``write=True`` enters the state exactly once,

@@ -2,7 +2,7 @@
 
 Why a module of its own: the Engine sets up the model, the context and the adapter and
 hands out sequences; a Session is what a caller feeds, reads the state of and rolls back,
-one sequence at a time.  Both talk to the C API (through ``_bindings``), and only they do.
+one sequence at a time.  Both drive the C API through ``_bindings``.
 Every token fed with ``write=True`` enters the state exactly once, in order, when it
 enters the KV cache.  A single Session must not be used from two threads at once (its
 token position would race); the Engine's lock serialises the native calls.
