@@ -42,6 +42,7 @@ from ._bindings import dmem, llama_lib
 from .args import check_bool, check_int
 from .errors import AdapterError, ArgumentError, EngineError, ModelLoadError
 from .gguf_schema import WRITE_GRANULARITIES
+from .native.c_api import SCAN_FUSED, SCAN_STANDARD
 from .session import Session
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class AdapterInfo:
     def state_shape(self) -> tuple[int, int, int]:
         return (len(self.layers), self.rows, self.rank)
 
+SCANS = ("auto", "fused", "standard")  # Engine(scan=...): see the Engine docstring
+
 
 def find_adapter_for(model_path: Path) -> Path | None:
     """The adapter `deltamem-edge chat` uses when none is named: bundled, else next to the model."""
@@ -89,6 +92,11 @@ class Engine:
     f32 KV cache *and* flash attention off.  Either alone is not enough: with flash
     attention on, the engine differs from an f32 reference by ~1e-2 on the logits even
     without δ-mem, against ~1e-5 with it off.  ``f32_kv`` alone only sets the cache type.
+
+    ``scan`` picks how the δ-mem scan runs: ``"fused"`` (one CPU op per δ-mem layer, the
+    fewest graph nodes; only when every δ-mem layer runs on the CPU), ``"standard"``
+    (standard ggml ops, every backend), or ``"auto"`` (fused where it can run).  Both give
+    the same results to float32 rounding and share the state; see also :attr:`scan`.
     """
 
     def __init__(
@@ -106,6 +114,7 @@ class Engine:
         flash_attn: bool | None = None,
         kv_unified: bool = True,
         exact: bool = False,
+        scan: str = "auto",
     ) -> None:
         self._lock = threading.RLock()
         self._step_batch = None  # llama_batch of n_seq_max one-token slots, made on the first batched step
@@ -128,6 +137,9 @@ class Engine:
         kv_unified = check_bool("kv_unified", kv_unified)
         flash_attn = None if flash_attn is None else check_bool("flash_attn", flash_attn)
         self.exact = check_bool("exact", exact)
+        if not isinstance(scan, str) or scan not in SCANS:
+            raise ArgumentError(f"scan must be one of {', '.join(SCANS)}, got {scan!r:.40}")
+        self._scan_wanted = scan
         if self.exact:
             if flash_attn:
                 raise ArgumentError("exact=True needs flash attention off: leave flash_attn unset or pass False")
@@ -199,6 +211,13 @@ class Engine:
             if dmem.llama_dmem_attach(self._ctx, handle) != 0:
                 dmem.llama_dmem_adapter_free(handle)
                 raise AdapterError(dmem.last_error(), path=path)
+            if self._scan_wanted != "auto":
+                try:
+                    self._set_scan(self._scan_wanted, path)
+                except AdapterError:
+                    dmem.llama_dmem_attach(self._ctx, None)
+                    dmem.llama_dmem_adapter_free(handle)
+                    raise
             self._adapter = handle
             n = dmem.llama_dmem_adapter_n_layers(handle)
             self.adapter = AdapterInfo(
@@ -211,6 +230,30 @@ class Engine:
                 write_granularity=WRITE_GRANULARITIES[dmem.llama_dmem_adapter_write_granularity(handle)],
             )
             return self.adapter
+
+    @property
+    def scan(self) -> str | None:
+        """How the attached adapter's scan runs now: ``"fused"`` or ``"standard"`` (None: no adapter)."""
+        if not self._adapter:
+            return None
+        return "fused" if dmem.llama_dmem_get_scan(self._ctx) == SCAN_FUSED else "standard"
+
+    @scan.setter
+    def scan(self, scan: str) -> None:
+        if not isinstance(scan, str) or scan not in SCANS[1:]:
+            raise ArgumentError(f"scan must be 'fused' or 'standard', got {scan!r:.40}")
+        with self._lock:
+            self._check_open()
+            if not self._adapter:
+                raise EngineError("no δ-mem adapter is attached: there is no scan to choose")
+            self._set_scan(scan, self.adapter.path if self.adapter else None)
+            self._scan_wanted = scan
+
+    def _set_scan(self, scan: str, path: Path | None) -> None:
+        """Switch the native scan; a refusal (fused with δ-mem layers off the CPU) detaches nothing."""
+        code = SCAN_FUSED if scan == "fused" else SCAN_STANDARD
+        if dmem.llama_dmem_set_scan(self._ctx, code) != 0:
+            raise AdapterError(dmem.last_error(), path=path, hint="use scan='standard' (or 'auto')")
 
     def detach(self) -> None:
         """Back to the vanilla model (the δ-states are dropped)."""

@@ -22,11 +22,12 @@ from ggufs import (
 )
 
 from deltamem_edge import gguf_schema as S
-from deltamem_edge.errors import AdapterError, EngineError
+from deltamem_edge.errors import AdapterError, ArgumentError, EngineError
 from deltamem_edge.gguf_header import read_gguf_header
 from deltamem_edge.reference import RefAdapter, RefModel
 
 RNG_IDS = [int(x) for x in np.random.default_rng(7).integers(0, 256, 24)]
+SCANS = ["fused", "standard"]  # Engine(scan=...): the one-op CPU scan and the standard-op graph
 
 # ``tiny`` (tests/conftest.py): one random model per arch, qwen3, llama, qwen2 and smollm3
 
@@ -61,7 +62,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("arch,kw", CASES, ids=[f"{a}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for a, kw in CASES])
-def test_logits_and_state_match_reference(tiny, tmp_path, arch, kw):
+@pytest.mark.parametrize("scan", SCANS)
+def test_logits_and_state_match_reference(tiny, tmp_path, arch, kw, scan):
     adapter = _adapter(tiny, arch, tmp_path, seed=11, **kw)
     ref = RefModel(tiny[arch])
     rs = ref.session(RefAdapter(adapter, ref))
@@ -70,20 +72,21 @@ def test_logits_and_state_match_reference(tiny, tmp_path, arch, kw):
     # the adapter must matter, or the comparison below proves nothing
     assert np.abs(ref_logits - base_logits).max() > 0.1 * np.abs(base_logits).max()
 
-    with exact_engine(tiny[arch], adapter) as eng:
+    with exact_engine(tiny[arch], adapter, scan=scan) as eng:
         s = eng.session()
         close(s.feed(RNG_IDS), ref_logits)
         close(s.state(), rs.state())
         assert s.tokens_written == len(RNG_IDS)
 
 
-def test_unnormalized_memory_qk_matches_reference(tiny, tmp_path):
+@pytest.mark.parametrize("scan", SCANS)
+def test_unnormalized_memory_qk_matches_reference(tiny, tmp_path, scan):
     """normalize_qk=False: raw memory q/k; k is kept small so the delta rule stays contractive."""
     adapter = write_unnormalized_qk_adapter(tmp_path / "raw.dmem.gguf", tiny["qwen3"], rank=4)
     ref = RefModel(tiny["qwen3"])
     rs = ref.session(RefAdapter(adapter, ref))
     ref_logits = rs.feed(RNG_IDS)
-    with exact_engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter, scan=scan) as eng:
         s = eng.session()
         close(s.feed(RNG_IDS), ref_logits)
         close(s.state(), rs.state())
@@ -103,10 +106,11 @@ def test_dtype_f16_adapter_matches_reference(tiny, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_chunking_invariance(tiny, tmp_path):
+@pytest.mark.parametrize("scan", SCANS)
+def test_chunking_invariance(tiny, tmp_path, scan):
     """One call, token by token, and several ubatches give the same logits and state."""
     adapter = _adapter(tiny, "qwen3", tmp_path, rank=8, state_heads=2)
-    with exact_engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter, scan=scan) as eng:
         s = eng.session()
         whole = s.feed(RNG_IDS)
         whole_state = s.state()
@@ -116,7 +120,7 @@ def test_chunking_invariance(tiny, tmp_path):
         s.reset()
         parts = np.concatenate([s.feed(RNG_IDS[:5]), s.feed(RNG_IDS[5:6]), s.feed(RNG_IDS[6:])])
         parts_state = s.state()
-    with exact_engine(tiny["qwen3"], adapter, n_batch=4) as eng4:  # 24 tokens -> 6 ubatches
+    with exact_engine(tiny["qwen3"], adapter, n_batch=4, scan=scan) as eng4:  # 24 tokens -> 6 ubatches
         s4 = eng4.session()
         ubatched = s4.feed(RNG_IDS)
         ubatched_state = s4.state()
@@ -125,11 +129,12 @@ def test_chunking_invariance(tiny, tmp_path):
         close(state, whole_state, tol=1e-5)
 
 
-def test_get_reset_set_continue_equals_uninterrupted(tiny, tmp_path):
+@pytest.mark.parametrize("scan", SCANS)
+def test_get_reset_set_continue_equals_uninterrupted(tiny, tmp_path, scan):
     """The δ-state round trip: get, reset it, set it back, go on = never interrupted (bit for bit)."""
     adapter = _adapter(tiny, "llama", tmp_path, rank=4, state_heads=2)
     a, b = RNG_IDS[:10], RNG_IDS[10:]
-    with exact_engine(tiny["llama"], adapter) as eng:
+    with exact_engine(tiny["llama"], adapter, scan=scan) as eng:
         s = eng.session()
         s.feed(a)
         straight = s.feed(b)
@@ -145,7 +150,8 @@ def test_get_reset_set_continue_equals_uninterrupted(tiny, tmp_path):
         np.testing.assert_array_equal(s.state(), straight_state)
 
 
-def test_memory_regime_state_without_kv(tiny, tmp_path):
+@pytest.mark.parametrize("scan", SCANS)
+def test_memory_regime_state_without_kv(tiny, tmp_path, scan):
     """A new session given a saved state behaves like the old one with its KV cache dropped."""
     adapter = _adapter(tiny, "qwen3", tmp_path, rank=8)
     a, b = RNG_IDS[:14], RNG_IDS[14:]
@@ -156,7 +162,7 @@ def test_memory_regime_state_without_kv(tiny, tmp_path):
     fresh = ref.session(RefAdapter(adapter, ref))
     fresh.set_state(ref_state)
     ref_b = fresh.feed(b)
-    with exact_engine(tiny["qwen3"], adapter, n_seq_max=2) as eng:
+    with exact_engine(tiny["qwen3"], adapter, n_seq_max=2, scan=scan) as eng:
         old = eng.session()
         old.feed(a)
         saved = old.state()
@@ -170,13 +176,14 @@ def test_memory_regime_state_without_kv(tiny, tmp_path):
         close(resumed, ref_b)
 
 
-def test_read_only_leaves_state_bit_identical(tiny, tmp_path):
+@pytest.mark.parametrize("scan", SCANS)
+def test_read_only_leaves_state_bit_identical(tiny, tmp_path, scan):
     adapter = _adapter(tiny, "qwen3", tmp_path, rank=8, state_heads=4, delta_heads="q,k,v,o")
     ref = RefModel(tiny["qwen3"])
     rs = ref.session(RefAdapter(adapter, ref))
     rs.feed(RNG_IDS[:12])
     ref_ro = rs.feed(RNG_IDS[12:], write=False)
-    with exact_engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter, scan=scan) as eng:
         s = eng.session()
         s.feed(RNG_IDS[:12])
         before = s.state()
@@ -215,15 +222,16 @@ def test_detached_adapter_gives_the_vanilla_model(tiny, tmp_path):
             s.state()
 
 
-def test_two_sequences_interleaved_equal_each_alone(tiny, tmp_path):
+@pytest.mark.parametrize("scan", SCANS)
+def test_two_sequences_interleaved_equal_each_alone(tiny, tmp_path, scan):
     adapter = _adapter(tiny, "qwen3", tmp_path, rank=4, state_heads=2)
     x, y = RNG_IDS, [int(t) for t in np.random.default_rng(9).integers(0, 256, 24)]
-    with exact_engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter, scan=scan) as eng:
         s = eng.session()
         alone_x, state_x = s.feed(x), s.state()
         s.reset()
         alone_y, state_y = s.feed(y), s.state()
-    with exact_engine(tiny["qwen3"], adapter, n_seq_max=2) as eng2:
+    with exact_engine(tiny["qwen3"], adapter, n_seq_max=2, scan=scan) as eng2:
         sx, sy = eng2.session(), eng2.session()
         assert sx.seq != sy.seq
         out_x, out_y = [], []
@@ -273,23 +281,25 @@ MSG_IDS = [-1, -1, 0, 0, 0, 1, 1, -1, 2, 2, 2, 2, -1, 3, 3, 1]  # ids need not b
 @pytest.mark.parametrize("kw", [dict(rank=4), dict(rank=8, state_heads=2, delta_heads="q,k,v,o"),
                                 dict(rank=4, update_mode="lambda_outside", couple_lambda=False)],
                          ids=["r4", "r8-msw-qkvo", "lambda-outside-separate"])
-def test_segment_writes_match_reference(tiny, tmp_path, kw):
+@pytest.mark.parametrize("scan", SCANS)
+def test_segment_writes_match_reference(tiny, tmp_path, kw, scan):
     adapter = _adapter(tiny, "qwen3", tmp_path, write_granularity="message_mean", seed=21, **kw)
     ref = RefModel(tiny["qwen3"])
     rs = ref.session(RefAdapter(adapter, ref))
     calls = [(RNG_IDS[:16], MSG_IDS), (RNG_IDS[16:20], [4, 4, 5, -1]), (RNG_IDS[20:21], [5]),
              (RNG_IDS[21:24], [-1, -1, -1])]  # the last call has no active token: per-token writes
-    with exact_engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter, scan=scan) as eng:
         s = eng.session()
         for ids, mids in calls:
             close(s.feed(ids, message_ids=mids), rs.feed(ids, message_ids=mids))
             close(s.state(), rs.state())
 
 
-def test_segment_reads_use_the_call_start_state(tiny, tmp_path):
+@pytest.mark.parametrize("scan", SCANS)
+def test_segment_reads_use_the_call_start_state(tiny, tmp_path, scan):
     """Inside one SSW call nothing written in that call is visible: logits equal a read-only pass."""
     adapter = _adapter(tiny, "llama", tmp_path, write_granularity="message_mean", seed=22)
-    with exact_engine(tiny["llama"], adapter) as eng:
+    with exact_engine(tiny["llama"], adapter, scan=scan) as eng:
         s = eng.session()
         s.feed(RNG_IDS[:8], message_ids=[0] * 8)
         before = s.state()
@@ -331,7 +341,8 @@ HAND_STATES = [
 ]
 
 
-def test_hand_vector_through_the_engine(tiny, tmp_path):
+@pytest.mark.parametrize("scan", SCANS)
+def test_hand_vector_through_the_engine(tiny, tmp_path, scan):
     """Choose W_in so that layer 0 sees exactly the §10.1 raw projections for 3 tokens."""
     model = tiny["qwen3"]
     ref = RefModel(model)
@@ -353,7 +364,7 @@ def test_hand_vector_through_the_engine(tiny, tmp_path):
         "delta_o_proj": rng.normal(0, 0.2, (64, 2)).astype(np.float32),
     }}
     adapter = write_adapter(tmp_path / "hand.dmem.gguf", model, weights, rank=2)
-    with exact_engine(model, adapter) as eng:
+    with exact_engine(model, adapter, scan=scan) as eng:
         s = eng.session()
         for t, expected in zip(tokens, HAND_STATES, strict=True):
             s.feed([t])
@@ -465,7 +476,8 @@ def test_tokenizing_without_a_vocabulary_is_an_error_not_an_abort(tiny):
 
 @pytest.mark.parametrize("arch,kw", [("qwen3", dict(rank=4, state_heads=2, delta_heads="q,k,v,o")),
                                      ("llama", dict(rank=8, state_heads=1, delta_heads="q,o"))])
-def test_batched_step_equals_one_by_one_and_the_reference(tiny, tmp_path, monkeypatch, arch, kw):
+@pytest.mark.parametrize("scan", SCANS)
+def test_batched_step_equals_one_by_one_and_the_reference(tiny, tmp_path, monkeypatch, arch, kw, scan):
     """Three sessions at different positions, stepped together (and in subsets, and with writes off):
     one llama_decode per step, logits and states equal to the float64 reference and to the one-by-one path."""
     adapter = _adapter(tiny, arch, tmp_path, seed=21, **kw)
@@ -488,7 +500,7 @@ def test_batched_step_equals_one_by_one_and_the_reference(tiny, tmp_path, monkey
     calls = count_decodes(monkeypatch)
     results = {}
     for unified in (False, True):
-        with exact_engine(tiny[arch], adapter, n_seq_max=4, kv_unified=unified) as eng:
+        with exact_engine(tiny[arch], adapter, n_seq_max=4, kv_unified=unified, scan=scan) as eng:
             assert eng.batches_sessions is not unified  # a unified context with an adapter decodes one by one
             ss = [eng.session() for _ in prompts]
             for s, p in zip(ss, prompts, strict=True):
@@ -566,3 +578,56 @@ def test_batched_step_without_adapter_matches_the_reference(tiny, monkeypatch, u
             for s, rs, t in zip(ss, refs, toks, strict=True):
                 close(out[s], rs.feed([t])[0])
         assert calls == [2] * len(steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# the two scans: fused CPU op and standard ggml ops
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [dict(rank=8, state_heads=1, delta_heads="q,o"),
+                                dict(rank=4, state_heads=4, delta_heads="q,k,v,o", update_mode="lambda_outside",
+                                     couple_lambda=False)], ids=["tsw-r8", "msw-lambda-outside"])
+def test_scans_agree_and_share_the_state_across_a_switch(tiny, tmp_path, kw):
+    """auto = fused on a CPU context; both scans agree to float32 rounding, and switching in the middle
+    of a conversation continues the same state (the two read and write the same store rows)."""
+    adapter = _adapter(tiny, "qwen3", tmp_path, seed=31, **kw)
+    ref = RefModel(tiny["qwen3"])
+    rs = ref.session(RefAdapter(adapter, ref))
+    ref_logits = rs.feed(RNG_IDS)
+    runs = {}
+    for scan in SCANS:
+        with exact_engine(tiny["qwen3"], adapter, scan=scan) as eng:
+            assert eng.scan == scan
+            s = eng.session()
+            runs[scan] = (s.feed(RNG_IDS), s.state())
+    for a, b in zip(runs["fused"], runs["standard"], strict=True):
+        close(a, b, tol=1e-5, what="fused vs standard")
+    with exact_engine(tiny["qwen3"], adapter) as eng:
+        assert eng.scan == "fused"  # every δ-mem layer is on the CPU here
+        s = eng.session()
+        first = s.feed(RNG_IDS[:10])
+        eng.scan = "standard"
+        second = s.feed(RNG_IDS[10:17])
+        eng.scan = "fused"
+        third = s.feed(RNG_IDS[17:])
+        close(np.concatenate([first, second, third]), ref_logits, what="switched twice")
+        close(s.state(), rs.state())
+
+
+def test_scan_choice_is_checked(tiny, tmp_path):
+    adapter = _adapter(tiny, "qwen3", tmp_path, rank=4)
+    with pytest.raises(ArgumentError, match="scan must be one of"):
+        exact_engine(tiny["qwen3"], adapter, scan="fast")
+    with exact_engine(tiny["qwen3"], False) as eng:
+        assert eng.scan is None
+        with pytest.raises(EngineError, match="no δ-mem adapter"):
+            eng.scan = "fused"
+    with exact_engine(tiny["qwen3"], adapter, scan="standard") as eng:
+        for bad in ("auto", "", None, 1):
+            with pytest.raises(ArgumentError, match="scan must be"):
+                eng.scan = bad
+        assert eng.scan == "standard"
+        eng.detach()
+        eng.attach(adapter)
+        assert eng.scan == "standard"  # the choice holds for the next adapter too

@@ -50,6 +50,7 @@ NATIVE_DIR = Path(__file__).resolve().parent
 OUR_SOURCES = {  # our files -> where they go in the llama.cpp tree
     "src/llama-dmem.h": "src/llama-dmem.h",  # the hooks the patch calls
     "src/llama-dmem-impl.h": "src/llama-dmem-impl.h",  # what the files below share
+    "src/llama-dmem-fused.cpp": "src/llama-dmem-fused.cpp",
     "src/llama-dmem-graph.cpp": "src/llama-dmem-graph.cpp",
     "src/llama-dmem-loader.cpp": "src/llama-dmem-loader.cpp",
     "src/llama-dmem-state.cpp": "src/llama-dmem-state.cpp",

@@ -13,7 +13,9 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-API_VERSION = 3  # LLAMA_DMEM_API_VERSION in native/include/llama-deltamem.h
+API_VERSION = 4  # LLAMA_DMEM_API_VERSION in native/include/llama-deltamem.h
+
+SCAN_STANDARD, SCAN_FUSED = 0, 1  # enum llama_dmem_scan
 
 c_float_p = ctypes.POINTER(ctypes.c_float)
 _ctx_p = ctypes.c_void_p  # llama_context *
@@ -38,6 +40,8 @@ SIGNATURES: dict[str, tuple[list[Any], Any]] = {  # name -> (argtypes, restype)
     "llama_dmem_is_attached": ([_ctx_p], ctypes.c_bool),
     "llama_dmem_set_write": ([_ctx_p, ctypes.c_bool], ctypes.c_int32),
     "llama_dmem_get_write": ([_ctx_p], ctypes.c_bool),
+    "llama_dmem_set_scan": ([_ctx_p, ctypes.c_int32], ctypes.c_int32),  # SCAN_STANDARD or SCAN_FUSED
+    "llama_dmem_get_scan": ([_ctx_p], ctypes.c_int32),
     "llama_dmem_set_message_ids": ([_ctx_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32], ctypes.c_int32),
     "llama_dmem_state_n_floats": ([_ctx_p], ctypes.c_int64),
     "llama_dmem_state_get": ([_ctx_p, ctypes.c_int32, c_float_p, ctypes.c_size_t], ctypes.c_int32),

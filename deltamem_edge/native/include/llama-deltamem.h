@@ -32,7 +32,7 @@ extern "C" {
 #endif
 
 // Bumped whenever a function below changes; the Python bindings check it.
-#define LLAMA_DMEM_API_VERSION 3
+#define LLAMA_DMEM_API_VERSION 4
 
 struct llama_dmem_adapter;
 
@@ -62,6 +62,19 @@ LLAMA_API bool    llama_dmem_is_attached(const struct llama_context * ctx);
 // Writes on (default) or off.  Off = read-only: every token reads the frozen state.
 LLAMA_API int32_t llama_dmem_set_write(struct llama_context * ctx, bool write);
 LLAMA_API bool    llama_dmem_get_write(const struct llama_context * ctx);
+
+// How the δ-mem scan runs.  FUSED: one CPU op per δ-mem layer (fewer graph nodes, the r×r state
+// worked on directly); possible only when every δ-mem layer runs on the CPU, and then the default
+// after attaching.  STANDARD: standard ggml ops (GATED_DELTA_NET on a padded state), on every
+// backend.  Both read and write the same state; switching keeps it.
+enum llama_dmem_scan {
+    LLAMA_DMEM_SCAN_STANDARD = 0,
+    LLAMA_DMEM_SCAN_FUSED    = 1,
+};
+// Refuses FUSED when a δ-mem layer runs on another device than the CPU.
+LLAMA_API int32_t llama_dmem_set_scan(struct llama_context * ctx, int32_t scan);
+// LLAMA_DMEM_SCAN_*, or -1 when no adapter is attached
+LLAMA_API int32_t llama_dmem_get_scan(const struct llama_context * ctx);
 
 // Segment ids for the NEXT llama_decode (SSW adapters: write_granularity message_mean or
 // sentence_mean): one id per token of that batch, -1 = not written.  Every token reads the

@@ -176,6 +176,7 @@ int32_t llama_dmem_attach(struct llama_context * ctx, struct llama_dmem_adapter 
     dc->lctx    = ctx;
     dc->adapter = adapter;
     dc->write   = true;
+    dc->fused   = adapter->all_cpu;
     dc->gen     = next_gen();
     dc->n_seq   = std::max<uint32_t>(1, ctx->get_cparams().n_seq_max);
     try {
@@ -205,6 +206,35 @@ int32_t llama_dmem_set_write(struct llama_context * ctx, bool write) {
         dc->gen   = next_gen();
     }
     return 0;
+}
+
+int32_t llama_dmem_set_scan(struct llama_context * ctx, int32_t scan) {
+    llama_dmem_context * dc = find_ctx(ctx);
+    if (dc == nullptr) {
+        return fail("no δ-mem adapter is attached to this context");
+    }
+    if (scan != LLAMA_DMEM_SCAN_STANDARD && scan != LLAMA_DMEM_SCAN_FUSED) {
+        return fail("llama_dmem_set_scan: unknown scan " + std::to_string(scan));
+    }
+    if (scan == LLAMA_DMEM_SCAN_FUSED && !dc->adapter->all_cpu) {
+        return fail("the fused δ-mem scan runs on the CPU only, and some δ-mem layers of this model are on "
+                    "another device; use the standard scan");
+    }
+    const bool fused = scan == LLAMA_DMEM_SCAN_FUSED;
+    if (dc->fused != fused) {
+        llama_synchronize(ctx);
+        dc->fused = fused;
+        dc->gen   = next_gen();
+    }
+    return 0;
+}
+
+int32_t llama_dmem_get_scan(const struct llama_context * ctx) {
+    const llama_dmem_context * dc = find_ctx(ctx);
+    if (dc == nullptr) {
+        return -1;
+    }
+    return dc->fused ? LLAMA_DMEM_SCAN_FUSED : LLAMA_DMEM_SCAN_STANDARD;
 }
 
 int32_t llama_dmem_set_message_ids(struct llama_context * ctx, const int32_t * ids, int32_t n_ids) {

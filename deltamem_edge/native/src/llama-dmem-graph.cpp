@@ -293,27 +293,38 @@ void llama_dmem_build_qkv(const llm_graph_context & g, ggml_tensor * cur,
     const bool segments = inp->avg != nullptr; // SSW: reads from the call-start state, one write per message
 
     ggml_tensor * store = dc->store[il];
-    ggml_tensor * s0 = ggml_reshape_4d(ctx, ggml_get_rows(ctx, store, inp->rows), P, P, R, B); // [P, P, R, B]
-
-    // the tokens: their reads (and, per token, their writes)
     ggml_tensor * proj = ggml_mul_mat(ctx, L->w_in, cur); // [4R|5R, n_tokens]
     const bool token_writes = dc->write && !segments;
-    ggml_tensor * out = dmem_scan(ctx, A, dmem_inputs(ctx, A, *L, proj, T, B, token_writes), s0);
+    // SSW: one step per message: the mean attention input of its tokens in this call, ids ascending
+    auto segment_proj = [&]() {
+        ggml_tensor * means = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_transpose(ctx, cur)), inp->avg); // [n_embd, S]
+        return ggml_mul_mat(ctx, L->w_in, means);
+    };
 
-    ggml_tensor * reads = scan_reads(ctx, out, P, R, T, B); // unscaled: W_d* carry the scale
+    ggml_tensor * reads = nullptr; // [R, n_tokens], scaled by the scan's 1/sqrt(P): W_d* carry the rest
+    if (dc->fused) {
+        // one node: the tokens' reads, and per token their writes into the store rows
+        reads = dmem_fused_scan(ctx, A, *L, proj, store, inp->rows, n_tokens, token_writes, nullptr);
+        ggml_build_forward_expand(g.gf, reads); // its writes matter even if no δ head read it
+        if (segments) {
+            // the messages' writes, after the tokens have read the call-start state
+            ggml_build_forward_expand(g.gf, dmem_fused_scan(ctx, A, *L, segment_proj(), store, inp->rows,
+                                                            inp->n_slots, true, reads));
+        }
+    } else {
+        ggml_tensor * s0 = ggml_reshape_4d(ctx, ggml_get_rows(ctx, store, inp->rows), P, P, R, B); // [P, P, R, B]
+        ggml_tensor * out = dmem_scan(ctx, A, dmem_inputs(ctx, A, *L, proj, T, B, token_writes), s0);
+        reads = scan_reads(ctx, out, P, R, T, B);
+        if (token_writes) {
+            ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, store, scan_states(ctx, out, P, R, T, B), inp->rows));
+        } else if (segments) {
+            const int64_t S = inp->n_slots;
+            ggml_tensor * sout = dmem_scan(ctx, A, dmem_inputs(ctx, A, *L, segment_proj(), S, 1, true), s0);
+            ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, store, scan_states(ctx, sout, P, R, S, 1), inp->rows));
+        }
+    }
     ggml_set_name(reads, "dmem_reads");
     inp->reads[il] = reads;
-
-    if (token_writes) {
-        ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, store, scan_states(ctx, out, P, R, T, B), inp->rows));
-    } else if (segments) {
-        // one step per message: the mean attention input of its tokens in this call, ids ascending
-        const int64_t S = inp->n_slots;
-        ggml_tensor * means = ggml_mul_mat(ctx, ggml_cont(ctx, ggml_transpose(ctx, cur)), inp->avg); // [n_embd, S]
-        ggml_tensor * sproj = ggml_mul_mat(ctx, L->w_in, means);
-        ggml_tensor * sout  = dmem_scan(ctx, A, dmem_inputs(ctx, A, *L, sproj, S, 1, true), s0);
-        ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, store, scan_states(ctx, sout, P, R, S, 1), inp->rows));
-    }
 
     auto add_delta = [&](ggml_tensor *& dst, ggml_tensor * w) {
         if (w == nullptr) {

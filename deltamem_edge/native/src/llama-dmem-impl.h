@@ -4,6 +4,7 @@
 //
 // Part of deltamem-edge (our code, MIT).  The files, one job each:
 //   llama-dmem-graph.cpp    the δ-mem graph: build_qkv/build_out hooks, graph params, batch guard
+//   llama-dmem-fused.cpp    the fused CPU scan: one custom op per layer instead of ≈ 25 standard ops
 //   llama-dmem-loader.cpp   reading and checking an adapter GGUF, weights onto the layers' devices
 //   llama-dmem-state.cpp    the per-context state store and the state C API (get/set/reset)
 //   llama-dmem-backend.cpp  what each device runs: scan width, OUT_PROD, the attach-time check
@@ -39,6 +40,15 @@ constexpr const char * DMEM_MARKER          = ".dmem_";
 constexpr const char * KP                   = "adapter.deltamem.";
 
 enum class dmem_mode { standard, lambda_outside, no_lambda };
+
+// what the fused CPU scan (llama-dmem-fused.cpp) needs of the adapter; one per write setting,
+// owned by the adapter so that the pointer handed to ggml outlives every graph that uses it
+struct dmem_fused_params {
+    int64_t   rank = 0, heads = 0, P = 0;
+    dmem_mode mode = dmem_mode::standard;
+    bool      couple_lambda = true, uses_lambda = false, normalize_qk = true, write = true;
+    float     norm_eps = 1e-6f, gate_clamp = 20.0f;
+};
 
 // ---------------------------------------------------------------------------------------------
 // errors (llama-dmem-api.cpp)
@@ -91,6 +101,9 @@ struct llama_dmem_adapter {
     std::vector<ggml_context_ptr>        ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;
 
+    dmem_internal::dmem_fused_params fused[2]; // [read-only, writes on]
+    bool all_cpu = false;                      // every δ-mem layer on the CPU: the fused scan may run
+
     int64_t rows() const { return rank * heads; }
     int64_t row_floats() const { return P * P * rows(); } // one sequence's padded state in one layer
     bool    uses_lambda() const { return mode != dmem_internal::dmem_mode::no_lambda && !couple_lambda; }
@@ -111,7 +124,8 @@ struct llama_dmem_context {
     llama_context            * lctx    = nullptr;
     const llama_dmem_adapter * adapter = nullptr;
     bool     write = true;
-    uint64_t gen   = 0;          // unique per (attach, write) configuration: forces a graph rebuild
+    bool     fused = false;      // the fused CPU scan (llama-dmem-fused.cpp) instead of standard ops
+    uint64_t gen   = 0;          // unique per (attach, write, scan) configuration: forces a graph rebuild
     uint32_t n_seq = 0;
 
     // SSW: segment ids for the next llama_decode (set by the caller), moved to call_ids when it starts
@@ -156,6 +170,13 @@ ggml_tensor * dmem_scan(ggml_context * ctx, const llama_dmem_adapter & A, const 
 ggml_tensor * scan_states(ggml_context * ctx, ggml_tensor * out, int64_t P, int64_t R, int64_t T, int64_t B);
 // the reads of a scan output of T steps as [R, T*B]
 ggml_tensor * scan_reads(ggml_context * ctx, ggml_tensor * out, int64_t P, int64_t R, int64_t T, int64_t B);
+// the fused CPU scan of n_tokens = T*B tokens of the rows' B sequences: reads [R, n_tokens] (scaled
+// as scan_reads), the store's rows updated in place when `write`; `after` (or nullptr) runs first
+ggml_tensor * dmem_fused_scan(ggml_context * ctx, const llama_dmem_adapter & A, const llama_dmem_layer & L,
+                              ggml_tensor * proj, ggml_tensor * store, ggml_tensor * rows, int64_t n_tokens,
+                              bool write, ggml_tensor * after);
+// fills A.fused from the adapter's settings (the loader's last step)
+void init_fused_params(llama_dmem_adapter & A);
 // a δ correction [out, n_tokens] from the reads [R, n_tokens]; the weights carry the δ scale
 ggml_tensor * dmem_delta(ggml_context * ctx, const llama_dmem_layer & L, ggml_tensor * w, ggml_tensor * reads);
 

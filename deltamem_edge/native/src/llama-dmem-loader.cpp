@@ -484,6 +484,11 @@ void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path
     ft.check_all_used();
     dw.alloc(A);
     read_weights(path, g, dw.copies, delta_scale);
+    A.all_cpu = true;
+    for (int il : layer_ids) {
+        A.all_cpu = A.all_cpu && ggml_backend_dev_type(model->dev_layer(il)) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    }
+    init_fused_params(A);
 }
 
 } // namespace dmem_internal
