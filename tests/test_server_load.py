@@ -1,6 +1,6 @@
 """A bounded load test of `deltamem-edge serve`: concurrent users, mixed requests, clients that leave.
 
-8 clients, each with its own memory, send 10 requests each at once to a server with 4
+8 clients, each with its own memory, send 25 requests each at once to a server with 4
 sequences (so idle memories are evicted and reloaded under load): non-streaming, streaming
 with usage, and streams the client closes after a chunk or three; one request per client
 is stateless, half the clients resend their whole history as apps do.  Afterwards (the
@@ -29,12 +29,12 @@ from deltamem_edge.server.memories import memory_file_name
 from deltamem_edge.statefile import read_state_file
 
 CLIENTS = 8
-REQUESTS = 10
+REQUESTS = 25
 STATELESS_REQUEST = 3  # each client's 4th request carries no memory id
 # Resident memory of the whole server process (Python, numpy, starlette, uvicorn, the tiny model and its
 # 2048-cell KV cache), read from /proc/<pid>/status.  Measured here: 76 MiB idle after one request, a peak
 # (VmHWM) of 85 MiB after the load.  The bounds leave room for allocator differences, not for a leak of a
-# conversation, a thread or a response per request (80 requests).
+# conversation, a thread or a response per request (200 requests).
 RSS_BOUND_MIB = 192
 GROWTH_BOUND_MIB = 48  # peak under load minus the idle RSS before it
 FILE_RE = re.compile(r"\.?[0-9a-f]{64}\.state(\.lock)?")
@@ -44,7 +44,7 @@ FILE_RE = re.compile(r"\.?[0-9a-f]{64}\.state(\.lock)?")
 
 
 def _client(srv, i: int, start: threading.Barrier, written: list[str]) -> None:
-    """One app: 8 requests in a row; ``written`` gets each user message that started a turn in its memory."""
+    """One app: REQUESTS requests in a row; ``written`` gets each user message that started a turn in its memory."""
     rng = random.Random(1000 + i)
     client = srv.client()
     history: list[dict[str, str]] = []
@@ -81,8 +81,9 @@ def test_concurrent_users_lose_no_update_and_stay_bounded(chat_files, tmp_path, 
     memdir = tmp_path / "mem"
     written: dict[int, list[str]] = {i: [] for i in range(CLIENTS)}
     errors: list[BaseException] = []
-    server = serve_batched(chat_files, memdir, "--transcript-turns", "16") if batched else \
-        serve(chat_files, memdir, "-np", "4", "--transcript-turns", "16")
+    keep = str(REQUESTS + 8)  # the transcript keeps every turn, so it can be checked whole
+    server = serve_batched(chat_files, memdir, "--transcript-turns", keep) if batched else \
+        serve(chat_files, memdir, "-np", "4", "--transcript-turns", keep)
     with server as srv:
         chat(srv.client(), [U("warm up")], max_tokens=2)  # stateless: the first request's imports are done
         idle_kib = srv.memory_kib()
