@@ -195,11 +195,12 @@ def test_read_only_leaves_state_bit_identical(tiny, tmp_path, scan):
         close(after, rs.state())
 
 
-def test_first_token_after_reset_equals_base_model(tiny, tmp_path):
+@pytest.mark.parametrize("scan", SCANS)
+def test_first_token_after_reset_equals_base_model(tiny, tmp_path, scan):
     adapter = _adapter(tiny, "qwen3", tmp_path, rank=8, delta_heads="q,k,v,o")
     with exact_engine(tiny["qwen3"], False) as base:
         expected = base.session().feed(RNG_IDS[:1])
-    with exact_engine(tiny["qwen3"], adapter) as eng:
+    with exact_engine(tiny["qwen3"], adapter, scan=scan) as eng:
         s = eng.session()
         s.feed(RNG_IDS)
         s.reset()
