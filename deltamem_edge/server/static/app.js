@@ -166,8 +166,18 @@ async function send(text) {
   setBusy(true);
   running = new AbortController();
   let reply = "";
+  let chunks = 0;
+  let painted = true;
   let stopped = false;
   let failed = null;
+  // at most one repaint per frame: a small model streams hundreds of pieces a second, and repainting
+  // the reply for each would keep the page too busy to answer a click on Stop
+  const paint = () => {
+    painted = true;
+    li.textContent = reply;
+    li.dataset.chunks = String(chunks);
+    li.scrollIntoView({ block: "end" });
+  };
   try {
     const resp = await api("/v1/chat/completions", {
       method: "POST",
@@ -190,9 +200,11 @@ async function send(text) {
         const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content;
         if (delta) {
           reply += delta;
-          li.textContent = reply;
-          li.dataset.chunks = String(Number(li.dataset.chunks) + 1);
-          li.scrollIntoView({ block: "end" });
+          chunks += 1;
+          if (painted) {
+            painted = false;
+            requestAnimationFrame(paint);
+          }
         }
       }
     }
@@ -201,6 +213,7 @@ async function send(text) {
     else failed = String(err.message || err);
   }
   running = null;
+  paint();
   if (reply || stopped) {
     msgs.push({ role: "assistant", content: reply, stopped });
     li.dataset.state = stopped ? "stopped" : "done";
