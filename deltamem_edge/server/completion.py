@@ -35,6 +35,7 @@ from ..conversation import Conversation, Message, TurnStats
 from ..errors import EngineError, StateFileError, StateLockedError, StateMismatchError
 from ..sampling import SamplingParams
 from ..statefile import trim_transcript
+from .layer_stats import TurnChange, layer_change
 from .memories import Lease, MemoryPool, PoolClosed
 from .protocol import ApiError, ChatRequest
 
@@ -109,6 +110,7 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     memory: dict[str, Any] | None
+    change: TurnChange | None = None  # how much each layer moved in this turn (a turn written into a memory)
 
 
 def as_api_error(exc: BaseException) -> ApiError:
@@ -151,7 +153,10 @@ def run_completion(pool: MemoryPool, memory_id: str | None, req: ChatRequest, sa
         return
     broken = False
     try:
-        emit("done", _complete(lease, memory_id, req, sampling, emit, cancel))
+        out = _complete(lease, memory_id, req, sampling, emit, cancel)
+        if out.change is not None:  # before "done": a client that asks for the memory's info next sees it
+            pool.changes.record(lease.slot.key, out.change)
+        emit("done", out)
     except BaseException as exc:  # noqa: BLE001 - reported to the client
         broken = not isinstance(exc, ApiError | PoolClosed) and not (
             isinstance(exc, EngineError) and "does not fit the context" in str(exc))
@@ -175,6 +180,8 @@ def _complete(lease: Lease, memory_id: str | None, req: ChatRequest, sampling: S
     before = (list(conv.history), conv.turns)
     if retry:
         conv.readonly = True  # feeds with writes off, save() does nothing; counters restored below
+    # the state this turn starts from (the file's: the context above was fed with writes off)
+    state_before = None if retry or stateless else conv.session.state()
     matcher = StopMatcher(req.stop)
     conv.stats = TurnStats()  # a reply cancelled before it began generated nothing (not the last turn's count)
     pieces: list[str] = []
@@ -211,6 +218,10 @@ def _complete(lease: Lease, memory_id: str | None, req: ChatRequest, sampling: S
             emit("delta", tail)
     if conv.transcript_turns:
         conv.history = trim_transcript(conv.history, conv.transcript_turns)  # bounded in RAM as on disk
+    change = None
+    if state_before is not None and conv.turns > before[1]:  # the turn was written and saved
+        norms = layer_change(state_before, conv.session.state())
+        change = TurnChange(conv.turns, conv.tokens_written, tuple(float(x) for x in norms))
     generated = conv.stats.generated_tokens
     finish = "length" if not stopped and generated >= req.max_tokens else "stop"
     memory = None if stateless else {
@@ -218,4 +229,4 @@ def _complete(lease: Lease, memory_id: str | None, req: ChatRequest, sampling: S
         "retry": retry,
     }
     return Outcome(text="".join(pieces), finish_reason=finish, prompt_tokens=context_tokens + conv.stats.prompt_tokens,
-                   completion_tokens=generated, memory=memory)
+                   completion_tokens=generated, memory=memory, change=change)

@@ -46,6 +46,7 @@ from ..statefile import (
     read_state_file,
     validate_state_bytes,
 )
+from .layer_stats import TurnChanges, layer_norms
 from .protocol import ApiError
 
 MEMORY_ID_RE = re.compile(r"[A-Za-z0-9._\-:@+]{1,128}")
@@ -126,6 +127,7 @@ class MemoryPool:
         self._leases = 0  # conversations lent out right now
         self._closed = False
         self.evictions = 0
+        self.changes = TurnChanges()  # per-layer change of each memory's last turn, measured as it ran
 
     def path_for(self, memory_id: str) -> Path:
         return memory_path_for(memory_file_name(memory_id), self.directory)
@@ -224,7 +226,11 @@ class MemoryPool:
     # -- memory files -----------------------------------------------------------------------
 
     def info(self, memory_id: str) -> dict[str, Any] | None:
-        """Header facts of a memory file (no state payload), or None if it does not exist."""
+        """Header facts of a memory file and its per-layer numbers (never the state), or None if there is none.
+
+        ``layer_norms``: the Frobenius norm of each layer of the saved state; ``last_turn``: how much
+        each layer changed in the last turn (``layer_stats``), or None when this server did not run it.
+        """
         path = self.path_for(memory_id)
         if not os.path.lexists(path):
             return None
@@ -233,6 +239,7 @@ class MemoryPool:
         with self._cond:
             slot = self._slots.get(path.name)
             resident = slot is not None and slot.conv is not None
+        last = self.changes.get(path.name, h.turns, h.tokens_written)
         return {
             "object": "memory", "id": memory_id, "file": path.name, "bytes": path.stat().st_size,
             "turns": h.turns, "tokens_written": h.tokens_written,
@@ -241,6 +248,8 @@ class MemoryPool:
             "layers": h.n_layers, "rows": h.rows, "rank": h.rank, "state_heads": h.state_heads,
             "created_us": h.created_us, "updated_us": h.updated_us,
             "transcript_messages": len(mem.transcript), "resident": resident,
+            "layer_norms": [float(n) for n in layer_norms(mem.state)],
+            "last_turn": None if last is None else {"turn": last.turns, "layer_change": list(last.change)},
         }
 
     @contextlib.contextmanager
@@ -279,6 +288,7 @@ class MemoryPool:
         """Close the memory if resident (after its running request) and remove its file."""
         path = self.path_for(memory_id)
         with self._exclusive(path):
+            self.changes.forget(path.name)
             if not os.path.lexists(path):
                 return False
             try:
@@ -316,6 +326,7 @@ class MemoryPool:
         validate_state_bytes(data, **check, source=source)
         path = self.path_for(memory_id)
         with self._exclusive(path):
+            self.changes.forget(path.name)  # the imported file's last turn was not measured here
             existed = os.path.lexists(path)
             with MemoryFile(path) as mf:
                 mf.replace_from_bytes(data, **check, source=source)
