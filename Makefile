@@ -39,11 +39,11 @@ lint: $(STAMP)
 # the chat page test (tests/test_chat_page.py) drives Debian's chromium through Playwright;
 # no browser is ever downloaded.  Without chromium that test fails, so this stops here instead.
 browser:
-	@command -v chromium >/dev/null || { \
+	@[ -n "$$DELTAMEM_CHROMIUM" ] || command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
 	  echo "installing Debian's chromium for the chat page test"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; \
-	command -v chromium >/dev/null || { \
+	[ -n "$$DELTAMEM_CHROMIUM" ] || command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
 	  echo "make test: chromium is missing and could not be installed (apt-get install -y chromium);" \
 	       "tests/test_chat_page.py needs it" >&2; exit 1; }
 
