@@ -70,6 +70,7 @@ class AdapterInfo:
     def state_shape(self) -> tuple[int, int, int]:
         return (len(self.layers), self.rows, self.rank)
 
+
 SCANS = ("auto", "fused", "standard")  # Engine(scan=...): see the Engine docstring
 
 
@@ -246,7 +247,7 @@ class Engine:
             self._check_open()
             if not self._adapter:
                 raise EngineError("no δ-mem adapter is attached: there is no scan to choose")
-            self._set_scan(scan, self.adapter.path if self.adapter else None)
+            self._set_scan(scan, self.adapter.path)
             self._scan_wanted = scan
 
     def _set_scan(self, scan: str, path: Path | None) -> None:

@@ -57,13 +57,13 @@ void tanh_l2n(float * u, int64_t r, bool normalize, float eps) {
 }
 
 // keep, erase, write of one state row from its clamped gate pre-activations
-void row_gates(const dmem_fused_params & p, float zb, float zl, float & keep, float & erase, float & write) {
+void row_gates(const llama_dmem_adapter & A, float zb, float zl, float & keep, float & erase, float & write) {
     const float beta = sigmoid(zb);
     float lam = 1.0f;
-    if (p.mode != dmem_mode::no_lambda) {
-        lam = p.couple_lambda ? 1.0f - beta : sigmoid(zl);
+    if (A.mode != dmem_mode::no_lambda) {
+        lam = A.couple_lambda ? 1.0f - beta : sigmoid(zl);
     }
-    switch (p.mode) {
+    switch (A.mode) {
         case dmem_mode::standard:       keep = lam;  erase = beta;       write = beta; break;
         case dmem_mode::lambda_outside: keep = lam;  erase = lam * beta; write = beta; break;
         case dmem_mode::no_lambda:      keep = 1.0f; erase = beta;       write = beta; break;
@@ -72,18 +72,19 @@ void row_gates(const dmem_fused_params & p, float zb, float zl, float & keep, fl
 
 // ggml custom op: work unit = (sequence b, state head h), split over the threads
 void fused_scan(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const dmem_fused_params & p = *static_cast<const dmem_fused_params *>(userdata);
+    const auto & op = *static_cast<const llama_dmem_adapter::fused_op *>(userdata);
+    const llama_dmem_adapter & A = *op.adapter;
     const ggml_tensor * proj  = dst->src[SRC_PROJ];
     ggml_tensor *       store = dst->src[SRC_STORE];
     const ggml_tensor * rows  = dst->src[SRC_ROWS];
     const float * b_beta   = (const float *) dst->src[SRC_B_BETA]->data;
-    const float * b_lambda = p.uses_lambda ? (const float *) dst->src[SRC_B_LAMBDA]->data : nullptr;
+    const float * b_lambda = A.uses_lambda() ? (const float *) dst->src[SRC_B_LAMBDA]->data : nullptr;
 
-    const int64_t r = p.rank, H = p.heads, R = r * H, P = p.P;
+    const int64_t r = A.rank, H = A.heads, R = r * H, P = A.P;
     const int64_t B = rows->ne[0];
     const int64_t T = dst->ne[1] / B;
     const int32_t * ids = (const int32_t *) rows->data;
-    const float c = p.gate_clamp;
+    const float c = A.gate_clamp;
     // the reads carry GATED_DELTA_NET's 1/sqrt(P) as on the standard path: the δ output weights
     // have sqrt(P) folded in at load (llama-dmem-loader.cpp), so both paths share them
     const float read_scale = 1.0f / std::sqrt((float) P);
@@ -98,8 +99,8 @@ void fused_scan(ggml_tensor * dst, int ith, int nth, void * userdata) {
             float * out = (float *) ((char *) dst->data + n * dst->nb[1]);
             std::memcpy(q, x + h * r, r * sizeof(float));
             std::memcpy(k, x + R + h * r, r * sizeof(float));
-            tanh_l2n(q, r, p.normalize_qk, p.norm_eps);
-            tanh_l2n(k, r, p.normalize_qk, p.norm_eps);
+            tanh_l2n(q, r, A.normalize_qk, A.norm_eps);
+            tanh_l2n(k, r, A.normalize_qk, A.norm_eps);
             for (int64_t i = 0; i < r; ++i) {
                 const int64_t g = i * H + h;   // GDN order of rows in proj, store and reads
                 float * s = S + g * P * P;     // S[row, 0..r-1]
@@ -109,13 +110,13 @@ void fused_scan(ggml_tensor * dst, int ith, int nth, void * userdata) {
                     pred += s[j] * k[j];
                 }
                 out[g] = read * read_scale;
-                if (!p.write) {
+                if (!op.write) {
                     continue;
                 }
                 const float zb = std::clamp(x[3 * R + g] + b_beta[g], -c, c);
                 const float zl = b_lambda ? std::clamp(x[4 * R + g] + b_lambda[g], -c, c) : 0.0f;
                 float keep, erase, write;
-                row_gates(p, zb, zl, keep, erase, write);
+                row_gates(A, zb, zl, keep, erase, write);
                 const float add = write * x[2 * R + g] - erase * pred;
                 for (int64_t j = 0; j < r; ++j) {
                     s[j] = keep * s[j] + add * k[j];
@@ -129,22 +130,6 @@ void fused_scan(ggml_tensor * dst, int ith, int nth, void * userdata) {
 
 namespace dmem_internal {
 
-void init_fused_params(llama_dmem_adapter & A) {
-    for (int w = 0; w < 2; ++w) {
-        dmem_fused_params & p = A.fused[w];
-        p.rank          = A.rank;
-        p.heads         = A.heads;
-        p.P             = A.P;
-        p.mode          = A.mode;
-        p.couple_lambda = A.couple_lambda;
-        p.normalize_qk  = A.normalize_qk;
-        p.norm_eps      = A.norm_eps;
-        p.gate_clamp    = A.gate_clamp;
-        p.uses_lambda   = A.uses_lambda();
-        p.write         = w == 1;
-    }
-}
-
 ggml_tensor * dmem_fused_scan(ggml_context * ctx, const llama_dmem_adapter & A, const llama_dmem_layer & L,
                               ggml_tensor * proj, ggml_tensor * store, ggml_tensor * rows, int64_t n_tokens,
                               bool write, ggml_tensor * after) {
@@ -152,13 +137,13 @@ ggml_tensor * dmem_fused_scan(ggml_context * ctx, const llama_dmem_adapter & A, 
     GGML_ASSERT(rows->type == GGML_TYPE_I32 && n_tokens % rows->ne[0] == 0);
     GGML_ASSERT(L.b_beta->type == GGML_TYPE_F32 && (!L.b_lambda || L.b_lambda->type == GGML_TYPE_F32));
     GGML_ASSERT(A.uses_lambda() == (L.b_lambda != nullptr));
-    // no null sources (b_beta stands in for an absent b_lambda; the params say whether λ is used)
+    // no null sources (b_beta stands in for an absent b_lambda; the adapter says whether λ is used)
     ggml_tensor * args[] = { proj, store, rows, L.b_beta, L.b_lambda ? L.b_lambda : L.b_beta, after };
     const int n_args = after ? 6 : 5;
     // userdata must outlive the graph: it lives in the adapter, which outlives its contexts' graphs
-    void * params = const_cast<dmem_fused_params *>(&A.fused[write ? 1 : 0]);
+    void * op = const_cast<llama_dmem_adapter::fused_op *>(&A.fused_ops[write ? 1 : 0]);
     ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, A.rows(), n_tokens, 1, 1, args, n_args, fused_scan,
-                                       GGML_N_TASKS_MAX, params);
+                                       GGML_N_TASKS_MAX, op);
     ggml_set_name(out, "dmem_fused_scan");
     return out;
 }

@@ -41,15 +41,6 @@ constexpr const char * KP                   = "adapter.deltamem.";
 
 enum class dmem_mode { standard, lambda_outside, no_lambda };
 
-// what the fused CPU scan (llama-dmem-fused.cpp) needs of the adapter; one per write setting,
-// owned by the adapter so that the pointer handed to ggml outlives every graph that uses it
-struct dmem_fused_params {
-    int64_t   rank = 0, heads = 0, P = 0;
-    dmem_mode mode = dmem_mode::standard;
-    bool      couple_lambda = true, uses_lambda = false, normalize_qk = true, write = true;
-    float     norm_eps = 1e-6f, gate_clamp = 20.0f;
-};
-
 // ---------------------------------------------------------------------------------------------
 // errors (llama-dmem-api.cpp)
 // ---------------------------------------------------------------------------------------------
@@ -101,8 +92,15 @@ struct llama_dmem_adapter {
     std::vector<ggml_context_ptr>        ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;
 
-    dmem_internal::dmem_fused_params fused[2]; // [read-only, writes on]
-    bool all_cpu = false;                      // every δ-mem layer on the CPU: the fused scan may run
+    bool all_cpu = false; // every δ-mem layer on the CPU: the fused scan may run
+
+    // the userdata of a fused-scan ggml op (llama-dmem-fused.cpp): this adapter and the write
+    // setting, kept here so that the pointer outlives every graph that uses it
+    struct fused_op {
+        const llama_dmem_adapter * adapter;
+        bool                       write;
+    };
+    const fused_op fused_ops[2] = { { this, false }, { this, true } }; // [read-only, writes on]
 
     int64_t rows() const { return rank * heads; }
     int64_t row_floats() const { return P * P * rows(); } // one sequence's padded state in one layer
@@ -175,8 +173,6 @@ ggml_tensor * scan_reads(ggml_context * ctx, ggml_tensor * out, int64_t P, int64
 ggml_tensor * dmem_fused_scan(ggml_context * ctx, const llama_dmem_adapter & A, const llama_dmem_layer & L,
                               ggml_tensor * proj, ggml_tensor * store, ggml_tensor * rows, int64_t n_tokens,
                               bool write, ggml_tensor * after);
-// fills A.fused from the adapter's settings (the loader's last step)
-void init_fused_params(llama_dmem_adapter & A);
 // a δ correction [out, n_tokens] from the reads [R, n_tokens]; the weights carry the δ scale
 ggml_tensor * dmem_delta(ggml_context * ctx, const llama_dmem_layer & L, ggml_tensor * w, ggml_tensor * reads);
 

@@ -488,7 +488,6 @@ void load_adapter(llama_dmem_adapter & A, llama_model * model, const char * path
     for (int il : layer_ids) {
         A.all_cpu = A.all_cpu && ggml_backend_dev_type(model->dev_layer(il)) == GGML_BACKEND_DEVICE_TYPE_CPU;
     }
-    init_fused_params(A);
 }
 
 } // namespace dmem_internal
