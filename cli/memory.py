@@ -19,21 +19,18 @@ def _when(us: int) -> str:
     return datetime.datetime.fromtimestamp(us / 1e6).isoformat(sep=" ", timespec="seconds")
 
 
-def _norms(state: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(state.reshape(state.shape[0], -1), axis=1)
-
-
 def inspect(
     path: Path = typer.Argument(..., help="Memory state file."),
     plot: Path = typer.Option(None, "--plot", help="Write a PNG bar chart of the per-layer norms."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Header, fingerprints, counters and per-layer norms of a memory file."""
+    from deltamem_edge.state_norms import layer_norms
     from deltamem_edge.statefile import read_state_file
 
     mem = read_state_file(path)
     h = mem.header
-    norms = _norms(mem.state)
+    norms = layer_norms(mem.state)
     info = {
         "file": str(path), "bytes": path.stat().st_size, "format_version": 1,
         "model": h.model_label, "model_fingerprint": h.model_fp.hex(),
@@ -90,6 +87,7 @@ def diff(
     b: Path = typer.Argument(..., help="Second memory file."),
 ) -> None:
     """Compare two memory files: identity, counters, per-layer distance."""
+    from deltamem_edge.state_norms import layer_change, layer_norms
     from deltamem_edge.statefile import read_state_file
 
     ma, mb = read_state_file(a), read_state_file(b)
@@ -100,8 +98,8 @@ def diff(
     if ma.state.shape != mb.state.shape:
         print(f"shapes differ: {ma.state.shape} vs {mb.state.shape}")
         raise typer.Exit(1)
-    d = _norms(ma.state - mb.state)
-    na = _norms(ma.state)
+    d = layer_change(mb.state, ma.state)
+    na = layer_norms(ma.state)
     print("layer  ‖a−b‖      ‖a‖")
     for i, (x, y) in enumerate(zip(d, na, strict=True)):
         print(f"{i:5d} {x:9.4f} {y:9.4f}")

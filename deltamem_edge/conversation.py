@@ -49,6 +49,7 @@ from .errors import ArgumentError, EngineError
 from .fingerprint import adapter_fingerprint
 from .interrupts import deferred_interrupts
 from .sampling import Sampler, SamplingParams
+from .state_norms import layer_norms
 
 # Kept importable from here: the server, the recall evaluation and the training code import
 # these names from ``deltamem_edge.conversation``.
@@ -384,7 +385,7 @@ class Conversation(ContextWindow):
 
     def layer_norms(self) -> np.ndarray:
         """Frobenius norm of each layer's δ-state (what /stats shows)."""
-        return np.linalg.norm(self.session.state().reshape(self.session.state().shape[0], -1), axis=1)
+        return layer_norms(self.session.state())
 
     @property
     def sampler_seed(self) -> int:

@@ -34,8 +34,9 @@ from typing import Any
 from ..conversation import Conversation, Message, TurnStats
 from ..errors import EngineError, StateFileError, StateLockedError, StateMismatchError
 from ..sampling import SamplingParams
+from ..state_norms import layer_change
 from ..statefile import trim_transcript
-from .layer_stats import TurnChange, layer_change
+from .layer_stats import TurnChange
 from .memories import Lease, MemoryPool, PoolClosed
 from .protocol import ApiError, ChatRequest
 

@@ -1,4 +1,4 @@
-"""Per-layer numbers of a memory for the chat page's panel: state norms, and the change of the last turn.
+"""The change of each memory's last turn, per layer, for the chat page's panel (the norms: ``state_norms``).
 
 Why the server keeps the change: a state file holds the state *after* its last turn, not the
 one before it, so "how much did each layer move in this turn" cannot be read back from the
@@ -22,20 +22,6 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-
-import numpy as np
-
-
-def layer_norms(state: np.ndarray) -> np.ndarray:
-    """Frobenius norm of each layer of a ``[n_layers, rows, rank]`` state, in float64."""
-    return np.linalg.norm(np.asarray(state, dtype=np.float64).reshape(state.shape[0], -1), axis=1)
-
-
-def layer_change(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """``‖after[l] − before[l]‖_F`` per layer, in float64 (the difference of float32 states is exact there)."""
-    if before.shape != after.shape:
-        raise ValueError(f"state shapes differ: {before.shape} vs {after.shape}")
-    return layer_norms(np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from ..conversation import Conversation
 from ..engine import Engine
 from ..errors import EngineError, StateFileError
 from ..fingerprint import adapter_fingerprint
+from ..state_norms import layer_norms
 from ..statefile import (
     MemoryFile,
     decode,
@@ -46,7 +47,7 @@ from ..statefile import (
     read_state_file,
     validate_state_bytes,
 )
-from .layer_stats import TurnChanges, layer_norms
+from .layer_stats import TurnChanges
 from .protocol import ApiError
 
 MEMORY_ID_RE = re.compile(r"[A-Za-z0-9._\-:@+]{1,128}")
