@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from . import _options
 from ._words import count
 
 HELP = """commands:
@@ -76,7 +77,9 @@ def chat(
     ctx_size: int = typer.Option(4096, "--ctx-size", "-c", min=16, max=2**32 - 1, help="Context size in tokens."),
     predict: int = typer.Option(512, "--predict", "-n", min=0, max=2**31 - 1, help="Max tokens per reply."),
     threads: int = typer.Option(None, "--threads", "-t", min=1, max=4096, help="CPU threads (default: all cores, at most 8)."),
-    gpu_layers: int = typer.Option(0, "--gpu-layers", "-ngl", "--n-gpu-layers", min=-1, max=2**31 - 1, help="Layers to offload to the GPU (-1: all)."),
+    gpu_layers: int = _options.gpu_layers_option(),
+    rpc: str = _options.rpc_option(),
+    tensor_split: str = _options.tensor_split_option(),
     temp: float = typer.Option(0.8, "--temp", help="Temperature (0 = greedy)."),
     top_k: int = typer.Option(40, "--top-k", min=0, max=2**31 - 1),
     top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
@@ -106,7 +109,8 @@ def chat(
     if mem_path is not None:
         mem_path.parent.mkdir(parents=True, exist_ok=True)
 
-    engine = Engine(model, adapter, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers)
+    engine = Engine(model, adapter, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers, rpc_servers=rpc,
+                    tensor_split=_options.float_list(tensor_split, "--tensor-split"))
     sampling = SamplingParams(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     if engine.adapter is None and mem_path is not None:
         print("note: this model has no δ-mem adapter; chatting without memory", file=sys.stderr)

@@ -39,12 +39,13 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show Python traceba
 
 def _register() -> None:
     """Attach each verb's module (imported here so that main.py stays the one index)."""
-    from . import build_cmd, chat, eval_memory, memory, verify
+    from . import build_cmd, chat, eval_memory, memory, rpc_server, verify
 
     app.command("chat")(chat.chat)
     app.command("build")(build_cmd.build)
     app.command("verify")(verify.verify)
     app.command("eval-memory")(eval_memory.eval_memory)
+    rpc_server.register(app, convert_app)
     memory.register(memory_app)
     for optional in ("convert", "inspect_cmd", "bench", "train_cmd", "serve", "hub_cmd"):
         try:

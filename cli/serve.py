@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from . import _options
 from .chat import data_dir
 
 
@@ -58,7 +59,9 @@ def serve(
     ctx_size: int = typer.Option(8192, "--ctx-size", "-c", min=64, help="Context size in tokens, shared: each sequence gets ctx/np."),
     predict: int = typer.Option(512, "--predict", "-n", min=1, help="Default max tokens per reply (a request's max_tokens overrides it)."),
     threads: int = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all cores, at most 8)."),
-    gpu_layers: int = typer.Option(0, "--gpu-layers", "-ngl", "--n-gpu-layers", help="Layers to offload to the GPU (-1: all)."),
+    gpu_layers: int = _options.gpu_layers_option(),
+    rpc: str = _options.rpc_option(),
+    tensor_split: str = _options.tensor_split_option(),
     temp: float = typer.Option(0.8, "--temp", min=0.0, max=2.0, help="Default temperature (a request's temperature overrides it)."),
     top_k: int = typer.Option(40, "--top-k", min=0),
     top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
@@ -94,6 +97,7 @@ def serve(
         raise typer.BadParameter(f"--ctx-size {ctx_size} / -np {parallel} leaves {per_seq} tokens per user; give at least 64")
 
     engine = Engine(model, adapter, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=parallel,
+                    rpc_servers=rpc, tensor_split=_options.float_list(tensor_split, "--tensor-split"),
                     kv_unified=False)  # a KV stream per user: their next tokens share one decode step
     if engine.adapter is None:
         engine.close()

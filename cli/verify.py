@@ -7,12 +7,17 @@ from pathlib import Path
 
 import typer
 
+from . import _options
+
 
 def verify(
     model: Path = typer.Option(..., "--model", "-m", help="Model GGUF (base or bundle)."),
     adapter: Path = typer.Option(None, "--adapter", "-a", help="δ-mem adapter GGUF (default: bundled or next to the model)."),
     tokens: int = typer.Option(256, "--tokens", help="How many tokens to compare."),
     threads: int = typer.Option(None, "--threads", "-t"),
+    gpu_layers: int = _options.gpu_layers_option(),
+    rpc: str = _options.rpc_option(),
+    tensor_split: str = _options.tensor_split_option(),
     float32: bool = typer.Option(False, "--float32", help="Reference in float32 (for models too big for float64 in RAM)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -21,7 +26,9 @@ def verify(
 
     from deltamem_edge.verify import verify as run
 
-    r = run(model, adapter, n_tokens=tokens, n_threads=threads, dtype=np.float32 if float32 else np.float64)
+    r = run(model, adapter, n_tokens=tokens, n_threads=threads, dtype=np.float32 if float32 else np.float64,
+            n_gpu_layers=gpu_layers, rpc_servers=rpc,
+            tensor_split=_options.float_list(tensor_split, "--tensor-split"))
     if as_json:
         print(json.dumps(r.as_dict(), indent=2))
     else:

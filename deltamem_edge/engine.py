@@ -30,14 +30,14 @@ import ctypes
 import hashlib
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import _bindings
+from . import _bindings, rpc
 from ._bindings import dmem, llama_lib
 from .args import check_bool, check_int
 from .errors import AdapterError, ArgumentError, EngineError, ModelLoadError
@@ -61,6 +61,7 @@ class AdapterInfo:
     layers: tuple[int, ...]
     bundled: bool
     write_granularity: str = "token"
+    devices: tuple[str, ...] = ()  # per δ-mem layer, the device that runs it and holds its state ("CPU", "RPC0", …)
 
     @property
     def rows(self) -> int:
@@ -72,6 +73,20 @@ class AdapterInfo:
 
 
 SCANS = ("auto", "fused", "standard")  # Engine(scan=...): see the Engine docstring
+
+
+def _tensor_split(weights: Sequence[float] | None) -> ctypes.Array | None:
+    """``tensor_split`` as llama.cpp takes it: llama_max_devices() floats, the rest zero."""
+    if weights is None:
+        return None
+    n_max = llama_lib.llama_max_devices()
+    values = list(weights) if not isinstance(weights, (str, bytes)) else None
+    if (values is None or not 1 <= len(values) <= n_max
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf") for w in values)
+            or not any(values)):
+        raise ArgumentError(f"tensor_split must be 1 to {n_max} non-negative weights, not all zero; "
+                            f"got {weights!r:.60}")
+    return (ctypes.c_float * n_max)(*values)
 
 
 def find_adapter_for(model_path: Path) -> Path | None:
@@ -98,6 +113,14 @@ class Engine:
     fewest graph nodes; only when every δ-mem layer runs on the CPU), ``"standard"``
     (standard ggml ops, every backend), or ``"auto"`` (fused where it can run).  Both give
     the same results to float32 rounding and share the state; see also :attr:`scan`.
+
+    ``rpc_servers`` (``["host:port", ...]``) adds the devices of running ``rpc-server``s
+    (llama.cpp's RPC backend, docs/distributed.md): each server is checked first (reachable,
+    same protocol) and an unusable one raises :class:`~deltamem_edge.rpc.RpcError` before
+    anything loads.  ``n_gpu_layers`` then defaults to every layer (-1) on those devices and
+    ``tensor_split`` (one weight per device, RPC devices first) divides them; a δ-mem layer's
+    state lives on its layer's device (:attr:`AdapterInfo.devices`).  Without ``rpc_servers``
+    ``n_gpu_layers`` defaults to 0.
     """
 
     def __init__(
@@ -107,7 +130,7 @@ class Engine:
         *,
         n_ctx: int = 4096,
         n_threads: int | None = None,
-        n_gpu_layers: int = 0,
+        n_gpu_layers: int | None = None,
         n_seq_max: int = 1,
         n_batch: int = 512,
         n_ubatch: int | None = None,
@@ -116,6 +139,8 @@ class Engine:
         kv_unified: bool = True,
         exact: bool = False,
         scan: str = "auto",
+        rpc_servers: str | Sequence[str] | None = None,
+        tensor_split: Sequence[float] | None = None,
     ) -> None:
         self._lock = threading.RLock()
         self._step_batch = None  # llama_batch of n_seq_max one-token slots, made on the first batched step
@@ -133,7 +158,11 @@ class Engine:
         n_batch = check_int("n_batch", n_batch, low=1, high=u32)
         n_ubatch = None if n_ubatch is None else check_int("n_ubatch", n_ubatch, low=1, high=u32)
         n_threads = None if n_threads is None else check_int("n_threads", n_threads, low=0, high=4096)  # 0: default
+        self.rpc_servers = () if rpc_servers is None else rpc.parse_endpoints(rpc_servers)
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if self.rpc_servers else 0
         n_gpu_layers = check_int("n_gpu_layers", n_gpu_layers, low=-1, high=2**31 - 1)
+        split = _tensor_split(tensor_split)
         f32_kv = check_bool("f32_kv", f32_kv)
         kv_unified = check_bool("kv_unified", kv_unified)
         flash_attn = None if flash_attn is None else check_bool("flash_attn", flash_attn)
@@ -148,6 +177,13 @@ class Engine:
 
         mparams = llama_lib.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        # explicit devices once any RPC server is registered in this process: ours, never another engine's
+        self._devices = rpc.model_devices(rpc.connect(self.rpc_servers) if self.rpc_servers else ())
+        if self._devices is not None:
+            mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+        if split is not None:
+            mparams.tensor_split = split
+        self._tensor_split = split
         _bindings.take_recent_errors()
         self._model = llama_lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self._model:
@@ -229,6 +265,7 @@ class Engine:
                 bundled=path.resolve() == self.model_path.resolve(),
                 # as the loader parsed it: the file is read once per load
                 write_granularity=WRITE_GRANULARITIES[dmem.llama_dmem_adapter_write_granularity(handle)],
+                devices=tuple(dmem.llama_dmem_adapter_layer_device(handle, i).decode() for i in range(n)),
             )
             return self.adapter
 

@@ -57,12 +57,14 @@ def _is_quantized(model_path: Path) -> bool:
 
 
 def verify(model: Path, adapter: Path | None = None, *, n_tokens: int = 256, n_threads: int | None = None,
-           dtype: type = np.float64) -> VerifyReport:
+           dtype: type = np.float64, **placement: object) -> VerifyReport:
+    """Engine vs reference.  ``placement``: where the layers run (``n_gpu_layers``, ``rpc_servers``,
+    ``tensor_split``, as :class:`~deltamem_edge.engine.Engine` takes them)."""
     from .engine import Engine
     from .reference import RefAdapter, RefModel
 
     model = Path(model)
-    with Engine(model, adapter, n_ctx=n_tokens + 32, n_threads=n_threads, exact=True) as eng:
+    with Engine(model, adapter, n_ctx=n_tokens + 32, n_threads=n_threads, exact=True, **placement) as eng:
         if eng.adapter is None:
             from .errors import AdapterError
 

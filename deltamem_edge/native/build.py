@@ -21,6 +21,7 @@ Environment:
     DELTAMEM_CUDA_ARCHS CMAKE_CUDA_ARCHITECTURES for cuda (default "75;80;86;89;90")
     DELTAMEM_LIB_DIR    use this prebuilt library folder instead of the cache
     DELTAMEM_JOBS       parallel compile jobs (default: number of CPUs)
+    DELTAMEM_RPC        0 leaves out ggml's RPC backend and the rpc-server (default: built)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltamem_edge.errors import BuildError, NativeLibraryError
@@ -63,7 +64,8 @@ PATCH_DIR = NATIVE_DIR / "patches"
 SKIP_PREFIXES = ("models/", "docs/", "media/", "examples/", "tools/server/webui/", ".git")
 BACKENDS = ("cpu", "cuda", "metal", "vulkan")
 LIB_NAMES = ("libllama", "libggml", "libggml-base", "libggml-cpu", "libggml-cuda", "libggml-metal",
-             "libggml-vulkan", "libggml-blas")
+             "libggml-vulkan", "libggml-blas", "libggml-rpc")
+RPC_SERVER = "ggml-rpc-server"  # llama.cpp's tools/rpc target, installed next to the libraries
 
 
 def cache_root() -> Path:
@@ -73,6 +75,12 @@ def cache_root() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "deltamem-edge"
+
+
+def default_rpc() -> bool:
+    """Whether builds include the RPC backend (on unless DELTAMEM_RPC=0): a user who adds ``--rpc`` later
+    should not need another build, and the backend costs nothing until a server is named."""
+    return os.environ.get("DELTAMEM_RPC", "1") not in ("0", "off", "OFF", "")
 
 
 def default_backend() -> str:
@@ -88,6 +96,10 @@ class BuildConfig:
 
     backend: str
     patched: bool = True  # False: stock llama.cpp at the same commit and flags (the benchmark's baseline)
+    rpc: bool = field(default_factory=lambda: default_rpc())  # ggml's RPC backend and llama.cpp's rpc-server (DELTAMEM_RPC=0 leaves both out)
+
+    def targets(self) -> list[str]:
+        return ["llama", RPC_SERVER] if self.rpc else ["llama"]
 
     def cmake_flags(self) -> list[str]:
         flags = [
@@ -97,11 +109,16 @@ class BuildConfig:
             "-DGGML_NATIVE=OFF",
             "-DLLAMA_BUILD_TESTS=OFF",
             "-DLLAMA_BUILD_EXAMPLES=OFF",
-            "-DLLAMA_BUILD_TOOLS=OFF",
+            # tools and common are configured only so that tools/rpc (the rpc-server) exists as a target;
+            # the build compiles nothing but the targets in BuildConfig.targets()
+            "-DLLAMA_BUILD_TOOLS=ON" if self.rpc else "-DLLAMA_BUILD_TOOLS=OFF",
             "-DLLAMA_BUILD_SERVER=OFF",
             "-DLLAMA_BUILD_APP=OFF",
-            "-DLLAMA_BUILD_COMMON=OFF",
+            "-DLLAMA_BUILD_COMMON=ON" if self.rpc else "-DLLAMA_BUILD_COMMON=OFF",
             "-DLLAMA_CURL=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            # llama.cpp's RPC backend: layers (and their δ-state) on other hosts (docs/distributed.md)
+            "-DGGML_RPC=ON" if self.rpc else "-DGGML_RPC=OFF",
             # $ORIGIN rpaths: a copied lib folder never loads ggml from the build tree
             "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",
             "-DCMAKE_INSTALL_RPATH=$ORIGIN" if sys.platform != "darwin" else "-DCMAKE_INSTALL_RPATH=@loader_path",
@@ -300,7 +317,7 @@ def build(config: BuildConfig | None = None, *, force: bool = False) -> Path:
     _run([cmake, "-S", str(tree), "-B", str(bdir), *generator, *flags], env, work / "configure.log")
     jobs = os.environ.get("DELTAMEM_JOBS") or str(os.cpu_count() or 2)
     _say(f"compiling libllama + ggml with {jobs} jobs (a few minutes the first time)")
-    _run([cmake, "--build", str(bdir), "--target", "llama", "-j", jobs], env, work / "build.log")
+    _run([cmake, "--build", str(bdir), "--target", *config.targets(), "-j", jobs], env, work / "build.log")
     _install_libs(bdir / "bin", out)
     shutil.rmtree(tree, ignore_errors=True)  # keep logs and objects' ccache, drop 100 MB of sources
     _prune_old(root)
@@ -322,7 +339,8 @@ def _install_libs(bin_dir: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     for item in sorted(bin_dir.iterdir()):
-        if item.name.startswith(LIB_NAMES) and (item.suffix in (".so", ".dylib", ".dll") or ".so." in item.name):
+        is_lib = item.name.startswith(LIB_NAMES) and (item.suffix in (".so", ".dylib", ".dll") or ".so." in item.name)
+        if is_lib or item.name in (RPC_SERVER, RPC_SERVER + ".exe"):
             if item.is_symlink():
                 os.symlink(os.readlink(item), tmp / item.name)
             else:

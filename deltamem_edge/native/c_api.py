@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-API_VERSION = 4  # LLAMA_DMEM_API_VERSION in native/include/llama-deltamem.h
+API_VERSION = 5  # LLAMA_DMEM_API_VERSION in native/include/llama-deltamem.h
 
 SCAN_STANDARD, SCAN_FUSED = 0, 1  # enum llama_dmem_scan
 
@@ -32,6 +32,7 @@ SIGNATURES: dict[str, tuple[list[Any], Any]] = {  # name -> (argtypes, restype)
     "llama_dmem_adapter_state_heads": ([_adapter_p], ctypes.c_int32),
     "llama_dmem_adapter_n_layers": ([_adapter_p], ctypes.c_int32),
     "llama_dmem_adapter_layer": ([_adapter_p, ctypes.c_int32], ctypes.c_int32),
+    "llama_dmem_adapter_layer_device": ([_adapter_p, ctypes.c_int32], ctypes.c_char_p),
     "llama_dmem_adapter_write_granularity": ([_adapter_p], ctypes.c_int32),  # index into WRITE_GRANULARITIES
     "llama_dmem_max_rank": ([], ctypes.c_int32),
     "llama_dmem_max_state_heads": ([], ctypes.c_int32),

@@ -32,7 +32,7 @@ extern "C" {
 #endif
 
 // Bumped whenever a function below changes; the Python bindings check it.
-#define LLAMA_DMEM_API_VERSION 4
+#define LLAMA_DMEM_API_VERSION 5
 
 struct llama_dmem_adapter;
 
@@ -53,6 +53,9 @@ LLAMA_API int32_t llama_dmem_adapter_state_heads(const struct llama_dmem_adapter
 LLAMA_API int32_t llama_dmem_adapter_n_layers   (const struct llama_dmem_adapter * adapter);
 // base-model layer index of the i-th δ-mem layer (0 <= i < n_layers), -1 if out of range
 LLAMA_API int32_t llama_dmem_adapter_layer      (const struct llama_dmem_adapter * adapter, int32_t i);
+// name of the device that runs the i-th δ-mem layer and holds its state ("CPU", "CUDA0", "RPC1", …),
+// NULL if out of range; valid while the adapter lives
+LLAMA_API const char * llama_dmem_adapter_layer_device(const struct llama_dmem_adapter * adapter, int32_t i);
 
 // Attach `adapter` to `ctx` (NULL detaches and gives back the vanilla model).  Every
 // sequence starts with a zero state.  Writes are enabled after attaching.

@@ -151,6 +151,13 @@ int32_t llama_dmem_adapter_layer(const struct llama_dmem_adapter * a, int32_t i)
     return a->layers[i].il;
 }
 
+const char * llama_dmem_adapter_layer_device(const struct llama_dmem_adapter * a, int32_t i) {
+    if (a == nullptr || a->model == nullptr || i < 0 || (size_t) i >= a->layers.size()) {
+        return nullptr;
+    }
+    return ggml_backend_dev_name(a->model->dev_layer(a->layers[i].il));
+}
+
 int32_t llama_dmem_adapter_write_granularity(const struct llama_dmem_adapter * a) {
     return a ? a->granularity : -1;
 }
