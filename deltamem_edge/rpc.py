@@ -28,6 +28,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -235,11 +236,15 @@ def model_devices(rpc_devices: Sequence[int]) -> ctypes.Array | None:
     gpu, igpu = [], []
     for i in range(lib.ggml_backend_dev_count()):
         dev = lib.ggml_backend_dev_get(i)
-        kind = lib.ggml_backend_dev_type(dev)  # 0 CPU, 1 GPU, 2 IGPU, 3 ACCEL
-        if dev in foreign or lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev)) == b"RPC":
+        kind = lib.ggml_backend_dev_type(dev)  # enum ggml_backend_dev_type: 0 CPU, 1 GPU, 2 IGPU, 3 ACCEL
+        reg = lib.ggml_backend_dev_backend_reg(dev)
+        if dev in foreign or lib.ggml_backend_reg_name(reg) == b"RPC":
             continue
-        (gpu if kind == 1 else igpu if kind == 2 else []).append(dev)
-    chosen = list(rpc_devices) + gpu + (igpu[:1] if not gpu else [])
+        if kind == 1:
+            gpu.append(dev)
+        elif kind == 2 and (not igpu or lib.ggml_backend_dev_backend_reg(igpu[-1]) == reg):
+            igpu.append(dev)  # llama.cpp: integrated GPUs of one backend, and only without a discrete one
+    chosen = list(rpc_devices) + gpu + ([] if gpu else igpu)
     return (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None)
 
 
@@ -270,7 +275,13 @@ def _on_abort(message: bytes | None) -> None:
         return
     with_reason = text.split(": ", 1)[-1]
     servers = list(_devices_of)
-    gone = [str(ep) for ep in servers if not _alive(ep)] or [str(ep) for ep in servers]
+    gone: list[str] = []
+    for _ in range(20):  # a dying server closes our connection a moment before its listening socket
+        gone = [str(ep) for ep in servers if not _alive(ep)]
+        if gone:
+            break
+        time.sleep(0.1)
+    gone = gone or [str(ep) for ep in servers]  # a hung or unreachable host: name them all
     sys.stderr.write(
         f"error: RPC server {', '.join(gone)} stopped answering ({with_reason}); the turn in progress is lost, "
         "memory files keep their last completed turn\n"

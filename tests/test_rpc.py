@@ -350,3 +350,11 @@ def test_rpc_server_warns_loudly_off_loopback_and_refuses_a_busy_port(tmp_path):
     with _servers(tmp_path, 1):  # on loopback: no warning
         pass
     assert "authentication" not in (tmp_path / "rpc-0.log").read_text()
+
+
+@pytest.mark.parametrize("bad", [[], [0, 0], [-1, 1], [float("nan")], "1,1", [True, 1]])
+def test_bad_tensor_splits_are_refused(files, bad):
+    from deltamem_edge.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="tensor_split"):
+        exact_engine(files["model"], files["adapter"], tensor_split=bad)
