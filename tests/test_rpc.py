@@ -68,13 +68,20 @@ def _wait_ready(ep: Endpoint, proc: subprocess.Popen, log: Path) -> None:
     raise AssertionError(f"rpc-server on {ep} never answered: {log.read_text()[-500:]}")
 
 
+LOGS: dict[Endpoint, Path] = {}  # each started server's stdout ("Accepted client connection" per client)
+
+
+def _clients_served(ep: Endpoint) -> int:
+    return LOGS[ep].read_text().count("Accepted client connection")
+
+
 @contextlib.contextmanager
 def _servers(tmp: Path, n: int = 2) -> Iterator[list[tuple[Endpoint, subprocess.Popen]]]:
     started = []
     try:
         for i in range(n):
             ep = Endpoint("127.0.0.1", _free_port())
-            log = tmp / f"rpc-{i}.log"
+            log = LOGS[ep] = tmp / f"rpc-{i}.log"
             started.append((ep, _start_server(ep.port, log)))
             _wait_ready(ep, started[-1][1], log)
         yield started
@@ -172,6 +179,27 @@ def test_verify_runs_split_from_the_cli(servers, files):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["passed"] and report["conclusive"] and report["adapter_rel_err"] < 1e-4
+
+
+def test_the_server_over_rpc_answers_and_remembers_as_the_local_one(servers, chat_files, tmp_path):
+    """`serve --rpc`: two users' greedy replies and memory states equal a server without RPC."""
+    from serving import U, chat, serve
+
+    from deltamem_edge.statefile import read_state_file
+
+    got = {}
+    before = [_clients_served(ep) for ep, _ in servers]
+    for where, extra in (("local", ()), ("rpc", ("--rpc", _addresses(servers)))):
+        with serve(chat_files, tmp_path / where, *extra) as srv:
+            client = srv.client()
+            replies = [chat(client, [U(text)], memory=user, max_tokens=32).choices[0].message.content
+                       for user, text in (("ada", "My name is Ada."), ("bob", "I live in Lyon."))]
+            got[where] = (replies, [read_state_file(srv.path(u)) for u in ("ada", "bob")])
+    assert all(_clients_served(ep) > n for (ep, _), n in zip(servers, before, strict=True))  # both were used
+    assert got["rpc"][0] == got["local"][0] and all(got["local"][0])
+    for remote, local in zip(got["rpc"][1], got["local"][1], strict=True):
+        assert (remote.header.turns, remote.header.tokens_written) == (local.header.turns, local.header.tokens_written)
+        close(remote.state, local.state, 1e-4, what="memory state over RPC")
 
 
 def test_fused_scan_is_refused_with_remote_layers(servers, files):
