@@ -231,21 +231,32 @@ def model_devices(rpc_devices: Sequence[int]) -> ctypes.Array | None:
     with _lock:
         if not _devices_of:
             return None
-        foreign = {d for devs in _devices_of.values() for d in devs}
+    chosen = list(rpc_devices) + _local_gpus()
+    return (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None)
+
+
+def _local_gpus() -> list[int]:
+    """This host's GPUs as llama.cpp picks them: discrete ones, else the integrated ones of one backend."""
     lib = _ggml()
-    gpu, igpu = [], []
+    gpu: list[int] = []
+    igpu: list[int] = []
     for i in range(lib.ggml_backend_dev_count()):
         dev = lib.ggml_backend_dev_get(i)
         kind = lib.ggml_backend_dev_type(dev)  # enum ggml_backend_dev_type: 0 CPU, 1 GPU, 2 IGPU, 3 ACCEL
         reg = lib.ggml_backend_dev_backend_reg(dev)
-        if dev in foreign or lib.ggml_backend_reg_name(reg) == b"RPC":
+        if lib.ggml_backend_reg_name(reg) == b"RPC":
             continue
         if kind == 1:
             gpu.append(dev)
         elif kind == 2 and (not igpu or lib.ggml_backend_dev_backend_reg(igpu[-1]) == reg):
-            igpu.append(dev)  # llama.cpp: integrated GPUs of one backend, and only without a discrete one
-    chosen = list(rpc_devices) + gpu + ([] if gpu else igpu)
-    return (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None)
+            igpu.append(dev)
+    return gpu or igpu
+
+
+def local_gpus() -> list[str]:
+    """Names of this host's GPUs (empty on a CPU build).  Not ``llama_supports_gpu_offload()``: that
+    is also true for a CPU build with the RPC backend, which offloads only to rpc-servers."""
+    return [device_name(dev) for dev in _local_gpus()]
 
 
 def device_name(dev: int) -> str:
@@ -298,4 +309,4 @@ def _install_abort_handler() -> None:
 
 
 __all__ = ["DEFAULT_PORT", "EXIT_RPC_LOST", "PROTOCOL", "Endpoint", "RpcError", "connect", "device_name",
-           "is_loopback", "model_devices", "parse_endpoints", "probe", "supported"]
+           "is_loopback", "local_gpus", "model_devices", "parse_endpoints", "probe", "supported"]

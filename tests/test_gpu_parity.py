@@ -39,14 +39,16 @@ from ggufs import write_random_adapter, write_unnormalized_qk_adapter
 from deltamem_edge.reference import RefAdapter, RefModel
 
 try:
-    from deltamem_edge import _bindings
+    from deltamem_edge import _bindings, rpc
     from deltamem_edge.engine import Engine
 except Exception as exc:  # noqa: BLE001 - no library at all: the CPU tests report that, not this file
     pytest.skip(f"the δ-mem library does not load: {exc}", allow_module_level=True)
 llama_lib = _bindings.llama_lib
 
 # DELTAMEM_GPU_PARITY_FORCE=1 runs this file on a CPU-only build too ("GPU" = CPU then): a dry run of the test logic
-if not (llama_lib.llama_supports_gpu_offload() or os.environ.get("DELTAMEM_GPU_PARITY_FORCE") == "1"):
+# (not llama_supports_gpu_offload(): a CPU build with the RPC backend says yes too, and this file would then
+# compare the CPU with itself)
+if not (rpc.local_gpus() or os.environ.get("DELTAMEM_GPU_PARITY_FORCE") == "1"):
     pytest.skip("this libllama has no GPU backend (build with DELTAMEM_BACKEND=cuda|metal|vulkan)",
                 allow_module_level=True)
 
