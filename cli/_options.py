@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import typer
 
 
@@ -56,3 +58,13 @@ def float_list(text: str | None, flag: str) -> tuple[float, ...] | None:
     if not values or any(not 0 <= v < float("inf") for v in values) or not any(values):
         raise typer.BadParameter(f"{flag}: expected non-negative weights like 1,1 or 3,1, got {text!r}")
     return values
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a --host reaches only this machine (serve needs no API key there, rpc-server no warning)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -14,6 +14,8 @@ import sys
 
 import typer
 
+from . import _options
+
 WARNING = """\
 !!  rpc-server on {addr}: anyone who can reach this port can use it.
 !!  llama.cpp's RPC protocol has no authentication and no encryption; a client allocates memory,
@@ -42,14 +44,13 @@ def rpc_server(
     """Run an RPC server that a `chat`/`serve` on another host uses with --rpc HOST:PORT."""
     from deltamem_edge.errors import NativeLibraryError
     from deltamem_edge.native.build import RPC_SERVER, installed_library_dir
-    from deltamem_edge.rpc import is_loopback
 
     exe = installed_library_dir() / RPC_SERVER
     if not exe.is_file():
         raise NativeLibraryError("this native build has no rpc-server", path=exe.parent,
                                  hint="unset DELTAMEM_RPC (RPC is built by default) and run `deltamem-edge build`")
     _check_port_free(host, port)
-    if not is_loopback(host):
+    if not _options.is_loopback(host):
         print(WARNING.format(addr=f"{host}:{port}"), file=sys.stderr)
     args = [str(exe), "--host", host, "--port", str(port)]
     args += ["--threads", str(threads)] if threads else []

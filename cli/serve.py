@@ -7,7 +7,6 @@ beyond loopback without an API key.  docs/server.md has the details.
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from pathlib import Path
 
@@ -19,15 +18,6 @@ from .chat import data_dir
 
 def default_memory_dir() -> Path:
     return data_dir() / "server-memories"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _read_keys(api_key: str | None, api_key_file: Path | None) -> list[str]:
@@ -115,7 +105,7 @@ def serve(
                         max_body_bytes=max_body)
     app = create_app(state, api_keys=keys, cors_origins=cors_origin)
 
-    if not _is_loopback(host) and not keys:
+    if not _options.is_loopback(host) and not keys:
         print(f"warning: listening on {host} without an API key: anyone who can reach this port can chat and "
               "read or delete memories; pass --api-key or --api-key-file", file=sys.stderr)
     if "*" in cors_origin:

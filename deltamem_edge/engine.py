@@ -178,12 +178,12 @@ class Engine:
         mparams = llama_lib.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         # explicit devices once any RPC server is registered in this process: ours, never another engine's
-        self._devices = rpc.model_devices(rpc.connect(self.rpc_servers) if self.rpc_servers else ())
-        if self._devices is not None:
-            mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+        # (both arrays are read during the load call only; llama.cpp keeps its own copies)
+        devices = rpc.model_devices(rpc.connect(self.rpc_servers) if self.rpc_servers else ())
+        if devices is not None:
+            mparams.devices = ctypes.cast(devices, ctypes.c_void_p)
         if split is not None:
             mparams.tensor_split = split
-        self._tensor_split = split
         _bindings.take_recent_errors()
         self._model = llama_lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self._model:

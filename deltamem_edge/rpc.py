@@ -36,6 +36,7 @@ from .errors import DeltaMemError
 
 DEFAULT_PORT = 50052  # rpc-server's default
 PROTOCOL = (7, 0, 0)  # RPC_PROTO_{MAJOR,MINOR,PATCH}_VERSION in ggml-rpc.h at the pinned commit
+_PROTOCOL_TEXT = ".".join(map(str, PROTOCOL))
 HANDSHAKE_TIMEOUT_S = 5.0
 EXIT_RPC_LOST = 69  # EX_UNAVAILABLE: a remote device went away mid-turn
 
@@ -58,14 +59,6 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
-
-    @property
-    def is_loopback(self) -> bool:
-        return is_loopback(self.host)
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def parse_endpoints(value: str | Iterable[str]) -> tuple[Endpoint, ...]:
@@ -129,7 +122,7 @@ def probe(endpoint: Endpoint, timeout: float = HANDSHAKE_TIMEOUT_S) -> tuple[int
             if size != _HELLO_REPLY:
                 raise RpcError(f"RPC server {endpoint} answered the handshake with {size} bytes, not "
                                f"{_HELLO_REPLY}: it speaks another RPC protocol than ours "
-                               f"({'.'.join(map(str, PROTOCOL))})", hint=_SAME_BUILD)
+                               f"({_PROTOCOL_TEXT})", hint=_SAME_BUILD)
             major, minor, patch = _recv_exact(sock, _HELLO_REPLY)[:3]
         except TimeoutError:
             raise RpcError(f"RPC server {endpoint} accepted the connection but did not answer the handshake "
@@ -137,11 +130,11 @@ def probe(endpoint: Endpoint, timeout: float = HANDSHAKE_TIMEOUT_S) -> tuple[int
                            hint="an rpc-server serves one client at a time: is another program using it?") from None
         except (ConnectionAbortedError, ConnectionResetError, BrokenPipeError):
             raise RpcError(f"RPC server {endpoint} closed the connection during the handshake: it speaks "
-                           f"another RPC protocol than ours ({'.'.join(map(str, PROTOCOL))})",
+                           f"another RPC protocol than ours ({_PROTOCOL_TEXT})",
                            hint=_SAME_BUILD) from None
     if (major, patch) != (PROTOCOL[0], PROTOCOL[2]) or minor > PROTOCOL[1]:
         raise RpcError(f"RPC server {endpoint} speaks RPC protocol {major}.{minor}.{patch}, this build "
-                       f"{'.'.join(map(str, PROTOCOL))}: ggml operations travel by number, so both sides "
+                       f"{_PROTOCOL_TEXT}: ggml operations travel by number, so both sides "
                        "must come from the same llama.cpp commit", hint=_SAME_BUILD)
     return major, minor, patch
 
@@ -183,11 +176,6 @@ def _ggml() -> ctypes.CDLL:
             fn.argtypes, fn.restype = args, res
         lib._deltamem_rpc_bound = True
     return lib
-
-
-def supported() -> bool:
-    """Whether this build has ggml's RPC backend (``DELTAMEM_RPC=0`` builds do not)."""
-    return bool(_ggml().ggml_backend_reg_by_name(b"RPC"))
 
 
 def connect(endpoints: Sequence[Endpoint]) -> tuple[int, ...]:
@@ -309,4 +297,4 @@ def _install_abort_handler() -> None:
 
 
 __all__ = ["DEFAULT_PORT", "EXIT_RPC_LOST", "PROTOCOL", "Endpoint", "RpcError", "connect", "device_name",
-           "is_loopback", "local_gpus", "model_devices", "parse_endpoints", "probe", "supported"]
+           "local_gpus", "model_devices", "parse_endpoints", "probe"]
